@@ -1,0 +1,8 @@
+//! The tdxfuzz model: typed addresses, the deterministic scheduler, the host page ledger, and
+//! (growing) the TDX module, KVM, VMM and guest models that run on them.
+#![forbid(unsafe_code)]
+
+pub mod addr;
+pub mod host;
+pub mod ids;
+pub mod sched;

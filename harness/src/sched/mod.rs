@@ -1,0 +1,481 @@
+//! The deterministic scheduler: one OS thread, many model tasks.
+//!
+//! Each vCPU thread, VMM thread and guest program is an `async` task. Model code is written as
+//! straight-line code that awaits at every point where the kernel could be preempted or race
+//! (`cx.yield_now(..)`, lock operations, SEAMCALL entry and exit). The executor polls one task
+//! per step; at each step where two or more tasks are runnable a [`Chooser`] picks which, so the
+//! same choice bytes give the same interleaving and the same trace, byte for byte.
+//!
+//! Blocking primitives (`sync`) record who holds what and who waits on what, so a run in which
+//! tasks wait on each other in a cycle stops with the cycle (see `waitgraph`), and a run that
+//! exceeds its step budget stops with the tasks still pending.
+
+pub mod choice;
+pub mod sync;
+pub mod trace;
+mod waitgraph;
+pub mod workload;
+
+use std::cell::{Cell, RefCell};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+pub use choice::{Chooser, Decision, Directive, InputChooser, Pct, RoundRobin, Script, Until};
+pub use sync::{Completion, Mutex, RwLock, Srcu, SrcuIdx, WaitQueue};
+pub use trace::{LockOp, Point, PointDisplay, Trace, TraceEvent, TraceMode};
+
+/// A task of the run (vCPU thread, VMM thread, guest program, ...).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct TaskId(pub u32);
+
+/// A blocking object (lock, SRCU struct, completion, wait queue).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjId(pub u32);
+
+/// What a blocked task waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WaitOn {
+    Mutex(ObjId),
+    RwRead(ObjId),
+    RwWrite(ObjId),
+    /// `synchronize_srcu`: every reader that started at or before `target` must leave.
+    SrcuSync {
+        obj: ObjId,
+        target: u64,
+    },
+    Completion(ObjId),
+    Queue(ObjId),
+}
+
+impl WaitOn {
+    pub fn obj(self) -> ObjId {
+        match self {
+            WaitOn::Mutex(o)
+            | WaitOn::RwRead(o)
+            | WaitOn::RwWrite(o)
+            | WaitOn::Completion(o)
+            | WaitOn::Queue(o)
+            | WaitOn::SrcuSync { obj: o, .. } => o,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TaskState {
+    Runnable,
+    Blocked(WaitOn),
+    Done,
+}
+
+struct TaskSlot {
+    name: String,
+    state: TaskState,
+    last_point: Point,
+}
+
+/// How the last poll of a task ended, as signalled by the yield and block futures.
+#[derive(Clone, Copy)]
+enum Pending {
+    None,
+    Yield(Point),
+    Block(WaitOn),
+}
+
+type TaskFuture = Pin<Box<dyn Future<Output = ()>>>;
+
+/// Shared scheduler state, reachable from inside tasks through [`Ctx`].
+pub struct Core {
+    current: Cell<TaskId>,
+    step: Cell<u64>,
+    pending: Cell<Pending>,
+    tasks: RefCell<Vec<TaskSlot>>,
+    objs: RefCell<Vec<sync::Obj>>,
+    trace: RefCell<Trace>,
+    spawned: RefCell<Vec<(TaskId, TaskFuture)>>,
+}
+
+/// A task's handle on the scheduler: cheap to clone, passed into every model function.
+#[derive(Clone)]
+pub struct Ctx(Rc<Core>);
+
+impl Ctx {
+    /// The task being polled.
+    pub fn current(&self) -> TaskId {
+        self.0.current.get()
+    }
+
+    /// The current step number.
+    pub fn step(&self) -> u64 {
+        self.0.step.get()
+    }
+
+    /// A scheduling decision point: another task may run before this one continues.
+    pub fn yield_now(&self, point: Point) -> YieldNow<'_> {
+        YieldNow {
+            core: &self.0,
+            what: Some(Pending::Yield(point)),
+        }
+    }
+
+    /// Shorthand for a named yield point.
+    pub fn yield_at(&self, name: &'static str) -> YieldNow<'_> {
+        self.yield_now(Point::Yield(name))
+    }
+
+    /// Records an annotation (no scheduling decision, no step).
+    pub fn note(&self, what: &'static str, a: u64, b: u64) {
+        let ev = TraceEvent {
+            step: self.step(),
+            task: self.current(),
+            point: Point::Note { what, a, b },
+        };
+        self.0.trace.borrow_mut().push(ev);
+    }
+
+    /// Sleeps on `wait`; the primitive has already checked that it cannot proceed.
+    pub(crate) fn block(&self, wait: WaitOn) -> YieldNow<'_> {
+        YieldNow {
+            core: &self.0,
+            what: Some(Pending::Block(wait)),
+        }
+    }
+
+    /// Starts a new task (e.g. a vCPU thread created by the VMM); it is runnable from the next
+    /// step on.
+    pub fn spawn(
+        &self,
+        name: impl Into<String>,
+        fut: impl Future<Output = ()> + 'static,
+    ) -> TaskId {
+        let id = self.0.add_task(name.into());
+        self.0.spawned.borrow_mut().push((id, Box::pin(fut)));
+        id
+    }
+
+    /// Name of a task, for messages.
+    pub fn task_name(&self, t: TaskId) -> String {
+        self.0.tasks.borrow()[t.0 as usize].name.clone()
+    }
+
+    /// True if the task has finished.
+    pub fn is_done(&self, t: TaskId) -> bool {
+        self.0.tasks.borrow()[t.0 as usize].state == TaskState::Done
+    }
+
+    fn wake(&self, pred: impl Fn(WaitOn) -> bool, only_one: bool) {
+        for t in self.0.tasks.borrow_mut().iter_mut() {
+            if let TaskState::Blocked(w) = t.state {
+                if pred(w) {
+                    t.state = TaskState::Runnable;
+                    if only_one {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Core {
+    fn add_task(&self, name: String) -> TaskId {
+        let mut tasks = self.tasks.borrow_mut();
+        let id = TaskId(tasks.len() as u32);
+        tasks.push(TaskSlot {
+            name,
+            state: TaskState::Runnable,
+            last_point: Point::Start,
+        });
+        id
+    }
+}
+
+/// Future returned by yield and block points: pending exactly once.
+pub struct YieldNow<'a> {
+    core: &'a Core,
+    what: Option<Pending>,
+}
+
+impl Future for YieldNow<'_> {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<()> {
+        match self.what.take() {
+            Some(p) => {
+                self.core.pending.set(p);
+                Poll::Pending
+            }
+            None => Poll::Ready(()),
+        }
+    }
+}
+
+/// A wait-for cycle or a state in which every unfinished task sleeps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadlockReport {
+    /// The cycle, each task with what it waits on (empty if every task sleeps on something no
+    /// task holds, e.g. a completion that nobody will signal).
+    pub cycle: Vec<(TaskId, WaitOn)>,
+    /// Every blocked task and what it waits on.
+    pub blocked: Vec<(TaskId, WaitOn)>,
+}
+
+/// Tasks still unfinished when the step budget ran out.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BudgetReport {
+    pub steps: u64,
+    /// Each unfinished task with the last point it yielded at and whether it is blocked.
+    pub pending: Vec<(TaskId, Point, Option<WaitOn>)>,
+}
+
+/// How a call to [`Executor::run`] ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every task finished.
+    AllDone,
+    /// A wait-for cycle, or every unfinished task asleep.
+    Deadlock(DeadlockReport),
+    /// The step budget ran out with work pending.
+    BudgetExhausted(BudgetReport),
+    /// The observer asked to stop (e.g. the oracle found a violation).
+    Stopped,
+}
+
+/// What the observer learns after each step.
+pub struct StepInfo {
+    pub step: u64,
+    pub task: TaskId,
+    pub point: Point,
+}
+
+/// The executor: owns the task futures and steps them under a chooser.
+pub struct Executor {
+    core: Rc<Core>,
+    futures: Vec<Option<TaskFuture>>,
+    runnable: Vec<TaskId>,
+    last: Option<TaskId>,
+}
+
+impl Executor {
+    pub fn new(mode: TraceMode) -> Self {
+        Executor {
+            core: Rc::new(Core {
+                current: Cell::new(TaskId(0)),
+                step: Cell::new(0),
+                pending: Cell::new(Pending::None),
+                tasks: RefCell::new(Vec::new()),
+                objs: RefCell::new(Vec::new()),
+                trace: RefCell::new(Trace::new(mode)),
+                spawned: RefCell::new(Vec::new()),
+            }),
+            futures: Vec::new(),
+            runnable: Vec::new(),
+            last: None,
+        }
+    }
+
+    /// A context for building primitives and model state before tasks start.
+    pub fn ctx(&self) -> Ctx {
+        Ctx(self.core.clone())
+    }
+
+    /// Adds a task.
+    pub fn spawn(
+        &mut self,
+        name: impl Into<String>,
+        fut: impl Future<Output = ()> + 'static,
+    ) -> TaskId {
+        self.ctx().spawn(name, fut)
+    }
+
+    /// Steps taken so far (over every `run` call).
+    pub fn steps(&self) -> u64 {
+        self.core.step.get()
+    }
+
+    /// The trace so far.
+    pub fn trace(&self) -> std::cell::Ref<'_, Trace> {
+        self.core.trace.borrow()
+    }
+
+    /// Task names in id order.
+    pub fn task_names(&self) -> Vec<String> {
+        self.core
+            .tasks
+            .borrow()
+            .iter()
+            .map(|t| t.name.clone())
+            .collect()
+    }
+
+    /// Object names in id order.
+    pub fn obj_names(&self) -> Vec<&'static str> {
+        self.core.objs.borrow().iter().map(|o| o.name).collect()
+    }
+
+    /// True if no task is still unfinished.
+    pub fn all_done(&self) -> bool {
+        self.core
+            .tasks
+            .borrow()
+            .iter()
+            .all(|t| t.state == TaskState::Done)
+    }
+
+    /// Steps tasks until all finish, a deadlock, `max_steps` total steps, or the observer
+    /// returns `false`.
+    pub fn run<C: Chooser + ?Sized>(
+        &mut self,
+        chooser: &mut C,
+        max_steps: u64,
+        observer: &mut dyn FnMut(&StepInfo) -> bool,
+    ) -> Outcome {
+        let waker = Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        loop {
+            self.adopt_spawned();
+            self.runnable.clear();
+            {
+                let tasks = self.core.tasks.borrow();
+                for (i, t) in tasks.iter().enumerate() {
+                    if t.state == TaskState::Runnable {
+                        self.runnable.push(TaskId(i as u32));
+                    }
+                }
+            }
+            if self.runnable.is_empty() {
+                if self.all_done() {
+                    return Outcome::AllDone;
+                }
+                let ctx = self.ctx();
+                return Outcome::Deadlock(waitgraph::all_blocked_report(&ctx));
+            }
+            let step = self.core.step.get();
+            if step >= max_steps {
+                return Outcome::BudgetExhausted(self.budget_report());
+            }
+            let pick = if self.runnable.len() == 1 {
+                self.runnable[0]
+            } else {
+                let current = self.last.filter(|t| self.runnable.contains(t));
+                let last_point = match self.last {
+                    Some(t) => self.core.tasks.borrow()[t.0 as usize].last_point,
+                    None => Point::Start,
+                };
+                chooser.choose(&Decision {
+                    current,
+                    last_point,
+                    runnable: &self.runnable,
+                    step,
+                })
+            };
+            self.last = Some(pick);
+            self.core.current.set(pick);
+            self.core.step.set(step + 1);
+            let fut = self.futures[pick.0 as usize]
+                .as_mut()
+                .expect("runnable task has a future");
+            let point = match fut.as_mut().poll(&mut cx) {
+                Poll::Ready(()) => {
+                    self.futures[pick.0 as usize] = None;
+                    self.core.tasks.borrow_mut()[pick.0 as usize].state = TaskState::Done;
+                    Point::Exit
+                }
+                Poll::Pending => match self.core.pending.replace(Pending::None) {
+                    Pending::Yield(p) => p,
+                    Pending::Block(w) => {
+                        self.core.tasks.borrow_mut()[pick.0 as usize].state = TaskState::Blocked(w);
+                        Point::Blocked { obj: w.obj() }
+                    }
+                    Pending::None => panic!(
+                        "task {} awaited a future that is not a scheduler point",
+                        self.core.tasks.borrow()[pick.0 as usize].name
+                    ),
+                },
+            };
+            self.core.tasks.borrow_mut()[pick.0 as usize].last_point = point;
+            self.core.trace.borrow_mut().push(TraceEvent {
+                step,
+                task: pick,
+                point,
+            });
+            if let Point::Blocked { .. } = point {
+                let ctx = self.ctx();
+                if let Some(cycle) = waitgraph::find_cycle(&ctx, pick) {
+                    return Outcome::Deadlock(DeadlockReport {
+                        cycle,
+                        blocked: waitgraph::blocked_tasks(&ctx),
+                    });
+                }
+            }
+            if !observer(&StepInfo {
+                step,
+                task: pick,
+                point,
+            }) {
+                return Outcome::Stopped;
+            }
+        }
+    }
+
+    fn adopt_spawned(&mut self) {
+        let spawned = std::mem::take(&mut *self.core.spawned.borrow_mut());
+        for (id, fut) in spawned {
+            let i = id.0 as usize;
+            if self.futures.len() <= i {
+                self.futures.resize_with(i + 1, || None);
+            }
+            self.futures[i] = Some(fut);
+        }
+    }
+
+    fn budget_report(&self) -> BudgetReport {
+        let tasks = self.core.tasks.borrow();
+        BudgetReport {
+            steps: self.core.step.get(),
+            pending: tasks
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| t.state != TaskState::Done)
+                .map(|(i, t)| {
+                    let wait = match t.state {
+                        TaskState::Blocked(w) => Some(w),
+                        _ => None,
+                    };
+                    (TaskId(i as u32), t.last_point, wait)
+                })
+                .collect(),
+        }
+    }
+
+    /// Renders the kept trace as a timeline, one line per event.
+    pub fn render_trace(&self) -> String {
+        use std::fmt::Write;
+        let names = self.task_names();
+        let objs = self.obj_names();
+        let mut out = String::new();
+        for ev in self.trace().events() {
+            let _ = writeln!(
+                out,
+                "{:>6}  {:<12} {}",
+                ev.step,
+                names[ev.task.0 as usize],
+                PointDisplay {
+                    point: &ev.point,
+                    obj_names: &objs
+                }
+            );
+        }
+        out
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "task{}", self.0)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,11 @@
+//! The oracle: what must hold of a run, checked through narrow read-only views of the model.
+//!
+//! One module per violation kind of the specification (section 3). Each produces
+//! [`Violation`]s with a stable signature so that findings dedupe across inputs.
+#![forbid(unsafe_code)]
+
+pub mod liveness;
+pub mod targets;
+pub mod violation;
+
+pub use violation::{Violation, ViolationKind};

@@ -1,0 +1,189 @@
+//! Liveness: deadlock (a wait-for cycle, or every task asleep) and lack of progress (the step
+//! budget ran out with work pending under a fair schedule).
+
+use harness::sched::{Executor, Outcome, PointDisplay, WaitOn};
+
+use crate::{Violation, ViolationKind};
+
+/// Number of trace events a violation carries.
+pub const RECENT: usize = 24;
+
+fn recent(ex: &Executor) -> Vec<String> {
+    let names = ex.task_names();
+    let objs = ex.obj_names();
+    ex.trace()
+        .tail(RECENT)
+        .iter()
+        .map(|ev| {
+            format!(
+                "{:>6} {:<10} {}",
+                ev.step,
+                names[ev.task.0 as usize],
+                PointDisplay {
+                    point: &ev.point,
+                    obj_names: &objs
+                }
+            )
+        })
+        .collect()
+}
+
+fn wait_name(w: WaitOn, objs: &[&'static str]) -> String {
+    let o = objs[w.obj().0 as usize];
+    match w {
+        WaitOn::Mutex(_) => format!("mutex_lock({o})"),
+        WaitOn::RwRead(_) => format!("read_lock({o})"),
+        WaitOn::RwWrite(_) => format!("write_lock({o})"),
+        WaitOn::SrcuSync { .. } => format!("synchronize_srcu({o})"),
+        WaitOn::Completion(_) => format!("wait_for_completion({o})"),
+        WaitOn::Queue(_) => format!("wait_event({o})"),
+    }
+}
+
+/// Turns a scheduler outcome into a liveness violation, if it is one.
+///
+/// `location` names the phase's driver (e.g. the upstream function the stuck tasks run).
+pub fn check_outcome(
+    outcome: &Outcome,
+    ex: &Executor,
+    location: &'static str,
+) -> Option<Violation> {
+    let names = ex.task_names();
+    let objs = ex.obj_names();
+    match outcome {
+        Outcome::AllDone | Outcome::Stopped => None,
+        Outcome::Deadlock(rep) => {
+            let (edges, key) = if rep.cycle.is_empty() {
+                let waits: Vec<String> = rep
+                    .blocked
+                    .iter()
+                    .map(|(_, w)| wait_name(*w, &objs))
+                    .collect();
+                let mut key = waits.clone();
+                key.sort();
+                (waits, format!("all-asleep:{}", key.join("+")))
+            } else {
+                let waits: Vec<String> = rep
+                    .cycle
+                    .iter()
+                    .map(|(_, w)| wait_name(*w, &objs))
+                    .collect();
+                // Rotation-independent key: the sorted set of waits in the cycle.
+                let mut key = waits.clone();
+                key.sort();
+                (waits, format!("deadlock:{}", key.join("+")))
+            };
+            let involved = if rep.cycle.is_empty() {
+                &rep.blocked
+            } else {
+                &rep.cycle
+            };
+            let tasks: Vec<String> = involved
+                .iter()
+                .map(|(t, _)| names[t.0 as usize].clone())
+                .collect();
+            let detail = tasks
+                .iter()
+                .zip(&edges)
+                .map(|(t, w)| format!("{t} waits in {w}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            Some(Violation {
+                kind: ViolationKind::Liveness,
+                location,
+                key,
+                detail: format!("deadlock: {detail}"),
+                step: ex.steps(),
+                tasks,
+                recent: recent(ex),
+            })
+        }
+        Outcome::BudgetExhausted(rep) => {
+            let mut points: Vec<String> = rep
+                .pending
+                .iter()
+                .map(|(_, p, w)| match w {
+                    Some(w) => wait_name(*w, &objs),
+                    None => PointDisplay {
+                        point: p,
+                        obj_names: &objs,
+                    }
+                    .to_string(),
+                })
+                .collect();
+            let tasks: Vec<String> = rep
+                .pending
+                .iter()
+                .map(|(t, _, _)| names[t.0 as usize].clone())
+                .collect();
+            let detail = tasks
+                .iter()
+                .zip(&points)
+                .map(|(t, p)| format!("{t} last at {p}"))
+                .collect::<Vec<_>>()
+                .join("; ");
+            points.sort();
+            points.dedup();
+            Some(Violation {
+                kind: ViolationKind::Liveness,
+                location,
+                key: format!("no-progress:{}", points.join("+")),
+                detail: format!("no progress after {} steps: {detail}", rep.steps),
+                step: rep.steps,
+                tasks,
+                recent: recent(ex),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use harness::sched::workload::LockProgram;
+    use harness::sched::{RoundRobin, Script, TraceMode};
+
+    #[test]
+    fn deadlock_becomes_liveness_with_stable_signature() {
+        // t0: mutex_a then mutex_b; t1: mutex_b then mutex_a (second byte picks the task).
+        let p = LockProgram::decode(&[1, 0x01, 0x41 | 0x08, 0x09, 0x41]);
+        let mut sigs = Vec::new();
+        for first in [0, 1] {
+            let mut ex = Executor::new(TraceMode::Ring(64));
+            p.spawn(&mut ex, 1);
+            let mut s = Script::new(vec![
+                harness::sched::Directive {
+                    task: harness::sched::TaskId(first),
+                    until: harness::sched::Until::Steps(2),
+                },
+                harness::sched::Directive {
+                    task: harness::sched::TaskId(1 - first),
+                    until: harness::sched::Until::Steps(2),
+                },
+            ]);
+            let out = ex.run(&mut s, 1000, &mut |_| true);
+            let v = check_outcome(&out, &ex, "lock_program").expect("deadlock");
+            assert_eq!(v.kind, ViolationKind::Liveness);
+            assert!(!v.recent.is_empty());
+            sigs.push(v.signature());
+        }
+        assert_eq!(
+            sigs[0], sigs[1],
+            "signature independent of which task started"
+        );
+        assert!(
+            sigs[0].contains("deadlock:mutex_lock(mutex_a)+mutex_lock(mutex_b)"),
+            "{}",
+            sigs[0]
+        );
+    }
+
+    #[test]
+    fn clean_run_is_silent() {
+        let p = LockProgram::decode(&[1, 0x01, 0x07, 0x41, 0x47]);
+        let mut ex = Executor::new(TraceMode::Ring(8));
+        p.spawn(&mut ex, 3);
+        let out = ex.run(&mut RoundRobin::new(), 10_000, &mut |_| true);
+        assert_eq!(check_outcome(&out, &ex, "lock_program"), None);
+    }
+}
