@@ -51,7 +51,9 @@ pub fn run(target: Target, stop: Stop, seed: u64, artifacts: &Path) -> Result<us
     loop {
         let done = match stop {
             Stop::Runs(n) => execs >= n,
-            Stop::Seconds(s) => execs.is_multiple_of(256) && start.elapsed() >= Duration::from_secs(s),
+            Stop::Seconds(s) => {
+                execs.is_multiple_of(256) && start.elapsed() >= Duration::from_secs(s)
+            }
         };
         if done {
             break;
