@@ -131,17 +131,22 @@ impl Pfn {
     }
 }
 
-/// Page level of a mapping. KVM numbers these 1..=3 (`PG_LEVEL_4K` ..), the TDX module 0..=2.
+/// Level of a page-table entry. KVM numbers these 1..=4 (`PG_LEVEL_4K` ..), the TDX module
+/// 0..=3. 4K, 2M and 1G entries may be leaves; 512G entries (PML4Es, the root table of a 4-level
+/// EPT) are only ever non-leaf.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum PgLevel {
     L4K,
     L2M,
     L1G,
+    L512G,
 }
 
 impl PgLevel {
-    /// All levels, smallest first.
+    /// The levels a leaf may have, smallest first.
     pub const ALL: [PgLevel; 3] = [PgLevel::L4K, PgLevel::L2M, PgLevel::L1G];
+    /// The entry levels of a 4-level EPT, root first.
+    pub const WALK: [PgLevel; 4] = [PgLevel::L512G, PgLevel::L1G, PgLevel::L2M, PgLevel::L4K];
 
     /// Number of 4 KiB pages a mapping at this level covers.
     pub const fn pages(self) -> u64 {
@@ -149,6 +154,7 @@ impl PgLevel {
             PgLevel::L4K => 1,
             PgLevel::L2M => 512,
             PgLevel::L1G => 512 * 512,
+            PgLevel::L512G => 512 * 512 * 512,
         }
     }
     /// Size in bytes.
@@ -161,6 +167,7 @@ impl PgLevel {
             PgLevel::L4K => 1,
             PgLevel::L2M => 2,
             PgLevel::L1G => 3,
+            PgLevel::L512G => 4,
         }
     }
     /// The TDX module's level encoding in "gpa|level" operands (4K = 0).
@@ -173,6 +180,7 @@ impl PgLevel {
             1 => Some(PgLevel::L4K),
             2 => Some(PgLevel::L2M),
             3 => Some(PgLevel::L1G),
+            4 => Some(PgLevel::L512G),
             _ => None,
         }
     }
@@ -182,14 +190,16 @@ impl PgLevel {
             PgLevel::L4K => None,
             PgLevel::L2M => Some(PgLevel::L4K),
             PgLevel::L1G => Some(PgLevel::L2M),
+            PgLevel::L512G => Some(PgLevel::L1G),
         }
     }
-    /// One level up, if any (the model's paging stops at 1G leaves).
+    /// One level up, if any (4-level paging: 512G is the root table's level).
     pub const fn upper(self) -> Option<PgLevel> {
         match self {
             PgLevel::L4K => Some(PgLevel::L2M),
             PgLevel::L2M => Some(PgLevel::L1G),
-            PgLevel::L1G => None,
+            PgLevel::L1G => Some(PgLevel::L512G),
+            PgLevel::L512G => None,
         }
     }
     /// Short name, as in trace lines.
@@ -198,6 +208,7 @@ impl PgLevel {
             PgLevel::L4K => "4K",
             PgLevel::L2M => "2M",
             PgLevel::L1G => "1G",
+            PgLevel::L512G => "512G",
         }
     }
 }
@@ -233,7 +244,7 @@ mod tests {
         assert_eq!(PgLevel::L2M.pages(), 512);
         assert_eq!(PgLevel::L2M.tdx(), 1);
         assert_eq!(PgLevel::from_kvm(3), Some(PgLevel::L1G));
-        assert_eq!(PgLevel::from_kvm(4), None);
+        assert_eq!(PgLevel::from_kvm(5), None);
         assert_eq!(Gfn::new(0x3ff).align_down(PgLevel::L2M), Gfn::new(0x200));
         assert!(Gpa::new(0x20_0000).to_shared().is_aligned(PgLevel::L2M));
         assert!(!Gpa::new(0x20_1000).is_aligned(PgLevel::L2M));

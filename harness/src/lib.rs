@@ -6,3 +6,4 @@ pub mod addr;
 pub mod host;
 pub mod ids;
 pub mod sched;
+pub mod tdx_module;
