@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 pub mod liveness;
+pub mod module_invariants;
 pub mod targets;
 pub mod violation;
 

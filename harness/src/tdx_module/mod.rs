@@ -12,6 +12,7 @@
 //! `mem.rs` the S-EPT leaves, `phymem.rs` reclaim and cache leaves, `tdcall.rs` the guest's
 //! TDCALLs and EPT-violation handling.
 
+pub mod drive;
 pub mod leaves;
 pub mod locks;
 mod mem;

@@ -1,0 +1,8 @@
+//! The TDX module alone: arbitrary SEAMCALL/TDCALL programs with fuzzed interleavings, then the
+//! upstream teardown; any broken module invariant or unreturned page is a crash.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    let bad = oracle::targets::tdx_module(data);
+    assert!(bad.is_empty(), "module invariants broken:\n{}", bad.join("\n"));
+});
