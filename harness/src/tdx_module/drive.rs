@@ -332,12 +332,14 @@ pub fn teardown(run: &mut ModuleRun) -> Vec<String> {
         let runnable = m.state().tds[&tdr].op_state == super::OpState::Runnable;
         // Blocked tables hide the leaves below them from the walk: unblock them first (KVM never
         // blocks a table of a live TD, but the fuzzer does).
-        let blocked_tables: Vec<(PgLevel, Gpa)> = m.state().tds[&tdr]
+        let mut blocked_tables: Vec<(PgLevel, Gpa)> = m.state().tds[&tdr]
             .sept
             .iter()
             .filter(|(_, _, e)| e.state == super::SeptState::NlBlocked)
             .map(|(l, g, _)| (l, g.gpa()))
             .collect();
+        // Top down: a blocked table also hides blocked tables below it.
+        blocked_tables.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         for (lv, g) in blocked_tables {
             if runnable {
                 let _ = m.tdh_mem_track(&cx, tdr).await;
