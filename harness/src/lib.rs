@@ -3,7 +3,12 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod guest;
 pub mod host;
 pub mod ids;
+pub mod kvm;
+pub mod policy;
 pub mod sched;
+pub mod stack;
 pub mod tdx_module;
+pub mod vmm;

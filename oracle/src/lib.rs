@@ -6,6 +6,7 @@
 
 pub mod liveness;
 pub mod module_invariants;
+pub mod sept_sync;
 pub mod targets;
 pub mod violation;
 

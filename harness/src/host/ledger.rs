@@ -30,6 +30,10 @@ pub enum KernelUse {
     Tdcx,
     /// S-EPT page behind a mirror shadow page (`sp->external_spt`).
     Sept,
+    /// A TDP MMU page-table page (`sp->spt`).
+    MmuPage,
+    /// Userspace memory backing a memslot's shared pages.
+    UserMemory,
     /// Any other kernel page (e.g. the source page of INIT_MEM_REGION).
     Other,
 }

@@ -29,7 +29,11 @@ impl ModuleState {
         if w.level != level {
             return Err(SeamErr::with(Code::EptWalkFailed, Operand::Rcx).details(w.details()));
         }
-        g.take(&mut self.locks, LockKey::SeptEntry(tdr, level, w.base))?;
+        // A busy entry lock reports the walked entry's S-EPT details too: every handler calls
+        // `set_arch_septe_details_in_vmm_regs` when `sept_lock_acquire_host` fails
+        // (tdh_mem_page_remove.c, tdh_mem_page_aug.c, tdh_mem_range_block.c, ... at 1666adc).
+        g.take(&mut self.locks, LockKey::SeptEntry(tdr, level, w.base))
+            .map_err(|e| e.details(w.details()))?;
         Ok(w)
     }
 

@@ -249,6 +249,19 @@ impl TdxModule {
         &self.host
     }
 
+    /// Fault injection: put a vCPU in the state zero-step mitigation leaves after the guest
+    /// faulted past the threshold at `gpa` without RIP progress (its next TDH.VP.ENTER takes
+    /// the S-EPT tree lock).
+    pub fn inject_zero_step(&self, tdvpr: Pfn, gpa: Gpa) {
+        let mut st = self.st.borrow_mut();
+        let threshold = st.config.epf_threshold;
+        let v = st.vcpus.get_mut(&tdvpr).expect("vcpu");
+        v.epf_count = threshold;
+        if !v.epf_gpas.contains(&gpa.gfn()) {
+            v.epf_gpas.push(gpa.gfn());
+        }
+    }
+
     /// Sets TD_CTLS.PENDING_VE_DISABLE for a TD (a TDH.MNG.WR of TD_CTLS in the real flow).
     pub fn set_pending_ve_disable(&self, tdr: Pfn, on: bool) {
         if let Some(td) = self.st.borrow_mut().tds.get_mut(&tdr) {

@@ -37,6 +37,9 @@ pub struct TdParams {
 /// TD_PARAMS operand id of MAX_VCPUS.
 const OPERAND_MAX_VCPUS: u32 = 68;
 
+/// MAX_VMS - 1: L2 VMs a TD may have, each needing one more TDCS page beyond the minimum.
+const MAX_L2_VMS: usize = 3;
+
 fn mix(h: u64, x: u64) -> u64 {
     (h ^ x).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(17)
 }
@@ -145,16 +148,24 @@ impl TdxModule {
                 if td.lifecycle != Lifecycle::KeysConfigured {
                     return Err(SeamErr::code(Code::TdKeysNotConfigured));
                 }
-                // MAX_NUM_TDCS_PAGES is MIN plus one page per L2 VM; the model has no L2 VMs.
-                if td.tdcs.len() >= min {
+                // tdh_mng_add_cx.c: `num_tdcx > MAX_NUM_TDCS_PAGES-1` fails; MAX_NUM_TDCS_PAGES
+                // is MIN plus one page per possible L2 VM (3), whether or not the TD will have
+                // L2 VMs.
+                if td.tdcs.len() >= min + MAX_L2_VMS {
                     return Err(SeamErr::code(Code::TdcxNumIncorrect));
                 }
                 st.explicit_page(g, page, Operand::Rcx, PageType::Nda)?;
                 let td = st.td(tdr);
-                if td.tdcs.len() + 1 == min && st.injected.rnd_no_entropy > 0 {
+                let new_count = td.tdcs.len() + 1;
+                if new_count == min && st.injected.rnd_no_entropy > 0 {
                     // The migration key is generated when the last required page arrives.
                     st.injected.rnd_no_entropy -= 1;
                     return Err(SeamErr::code(Code::RndNoEntropy));
+                }
+                // tdh_mng_add_cx.c: beyond MIN, OP_STATE (in TDCS page 0) is readable and must
+                // allow ADDCX (UNINITIALIZED only); the status carries no operand.
+                if new_count > min && !super::op_state_allows(Leaf::MngAddcx, td.op_state) {
+                    return Err(SeamErr::code(Code::OpStateIncorrect));
                 }
                 Ok(())
             },

@@ -1,0 +1,113 @@
+//! Memory attributes (KVM_SET_MEMORY_ATTRIBUTES, `kvm->mem_attr_array`): which gfns are private.
+
+use std::collections::BTreeSet;
+
+use crate::addr::Gfn;
+
+/// The PRIVATE attribute per gfn (absent = shared).
+#[derive(Clone, Debug, Default)]
+pub struct Attributes {
+    private: BTreeSet<Gfn>,
+}
+
+impl Attributes {
+    /// `kvm_mem_is_private`.
+    pub fn is_private(&self, gfn: Gfn) -> bool {
+        self.private.contains(&gfn)
+    }
+
+    /// Stores the attribute for `[start, end)`.
+    pub fn set(&mut self, start: Gfn, end: Gfn, private: bool) {
+        let mut g = start;
+        while g < end {
+            if private {
+                self.private.insert(g);
+            } else {
+                self.private.remove(&g);
+            }
+            g = g.add(1);
+        }
+    }
+
+    /// `kvm_range_has_memory_attributes`: every gfn of `[start, end)` already has `private`.
+    pub fn all(&self, start: Gfn, end: Gfn, private: bool) -> bool {
+        let mut g = start;
+        while g < end {
+            if self.is_private(g) != private {
+                return false;
+            }
+            g = g.add(1);
+        }
+        true
+    }
+}
+
+use crate::sched::Ctx;
+
+use super::{Kvm, KvmResult};
+
+impl Kvm {
+    /// `kvm_vm_set_mem_attributes` (KVM_SET_MEMORY_ATTRIBUTES): under slots_lock, an
+    /// invalidation brackets the change; the pre-set pass zaps the old mapping type
+    /// (`kvm_arch_pre_set_memory_attributes`: to private zaps shared mappings, to shared zaps
+    /// private ones through the S-EPT removal hook).
+    pub async fn set_memory_attributes(
+        &self,
+        cx: &Ctx,
+        start: Gfn,
+        end: Gfn,
+        private: bool,
+    ) -> KvmResult<()> {
+        if start >= end {
+            return Err(super::Errno::EINVAL);
+        }
+        self.slots_lock.lock(cx).await;
+        if self.st.borrow().attributes.all(start, end, private) {
+            self.slots_lock.unlock(cx).await;
+            return Ok(());
+        }
+        let intersects = self
+            .st
+            .borrow()
+            .memslots
+            .slots
+            .iter()
+            .any(|s| s.base_gfn < end && start < s.end());
+        if intersects {
+            self.mmu_lock.write(cx).await;
+            self.mmu_invalidate_begin(start, end);
+            self.kvm_tdp_mmu_unmap_gfn_range(cx, start, end, !private, private)
+                .await;
+            self.mmu_lock.write_unlock(cx).await;
+        }
+        self.st.borrow_mut().attributes.set(start, end, private);
+        if intersects {
+            self.mmu_lock.write(cx).await;
+            self.mmu_invalidate_end();
+            self.mmu_lock.write_unlock(cx).await;
+        }
+        self.slots_lock.unlock(cx).await;
+        Ok(())
+    }
+
+    /// `kvm_mmu_invalidate_begin` + `kvm_mmu_invalidate_range_add` (mmu_lock held for write).
+    pub fn mmu_invalidate_begin(&self, start: Gfn, end: Gfn) {
+        let mut st = self.st.borrow_mut();
+        let inv = &mut st.invalidate;
+        inv.in_progress += 1;
+        if inv.in_progress == 1 {
+            inv.start = start;
+            inv.end = end;
+        } else {
+            inv.start = inv.start.min(start);
+            inv.end = inv.end.max(end);
+        }
+    }
+
+    /// `kvm_mmu_invalidate_end` (mmu_lock held for write).
+    pub fn mmu_invalidate_end(&self) {
+        let mut st = self.st.borrow_mut();
+        st.invalidate.seq += 1;
+        st.invalidate.in_progress -= 1;
+    }
+}

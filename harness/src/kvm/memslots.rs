@@ -1,0 +1,195 @@
+//! Memslots (virt/kvm/kvm_main.c): the active set readers see under `kvm->srcu`, with the
+//! generation and the KVM_MEMSLOT_INVALID state of a slot being deleted or moved.
+
+use std::collections::BTreeMap;
+
+use crate::addr::{Gfn, Pfn};
+use crate::ids::{GmemId, PgOff, SlotId};
+
+/// One slot (`struct kvm_memory_slot`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Memslot {
+    pub id: SlotId,
+    pub base_gfn: Gfn,
+    pub npages: u64,
+    /// KVM_MEMSLOT_INVALID: being deleted or moved.
+    pub invalid: bool,
+    /// KVM_MEM_GUEST_MEMFD binding: file and offset of `base_gfn`.
+    pub gmem: Option<(GmemId, PgOff)>,
+    /// Userspace memory behind the shared half, allocated on first touch (the VMM's mapping).
+    pub user: BTreeMap<u64, Pfn>,
+}
+
+impl Memslot {
+    pub fn contains(&self, gfn: Gfn) -> bool {
+        gfn >= self.base_gfn && gfn.raw() < self.base_gfn.raw() + self.npages
+    }
+
+    pub fn end(&self) -> Gfn {
+        self.base_gfn.add(self.npages)
+    }
+
+    /// The guest_memfd page offset of `gfn` (`kvm_gmem_get_index`).
+    pub fn gmem_index(&self, gfn: Gfn) -> Option<(GmemId, PgOff)> {
+        self.gmem
+            .map(|(f, off)| (f, PgOff(off.0 + gfn.offset_from(self.base_gfn))))
+    }
+}
+
+/// The active memslot set (`struct kvm_memslots`).
+#[derive(Clone, Debug, Default)]
+pub struct Memslots {
+    pub generation: u64,
+    pub slots: Vec<Memslot>,
+}
+
+impl Memslots {
+    /// `__gfn_to_memslot` (INVALID slots included: the fault path checks the flag).
+    pub fn lookup(&self, gfn: Gfn) -> Option<&Memslot> {
+        self.slots.iter().find(|s| s.contains(gfn))
+    }
+
+    pub fn lookup_mut(&mut self, gfn: Gfn) -> Option<&mut Memslot> {
+        self.slots.iter_mut().find(|s| s.contains(gfn))
+    }
+
+    pub fn by_id(&self, id: SlotId) -> Option<&Memslot> {
+        self.slots.iter().find(|s| s.id == id)
+    }
+
+    pub fn by_id_mut(&mut self, id: SlotId) -> Option<&mut Memslot> {
+        self.slots.iter_mut().find(|s| s.id == id)
+    }
+}
+
+use crate::sched::Ctx;
+
+use super::{Errno, Kvm, KvmResult};
+
+impl Kvm {
+    /// `kvm_swap_active_memslots`: publish, wait for every earlier SRCU reader
+    /// (`synchronize_srcu_expedited`), bump the generation.
+    async fn swap_active_memslots(&self, cx: &Ctx) {
+        self.srcu.synchronize(cx).await;
+        self.st.borrow_mut().memslots.generation += 2;
+    }
+
+    /// KVM_SET_USER_MEMORY_REGION2 creating slot `id` over `[base, base + npages)` bound to
+    /// guest_memfd `gmem` at offset `off` (`kvm_set_memory_region` KVM_MR_CREATE with
+    /// `kvm_gmem_bind`).
+    pub async fn create_memslot(
+        &self,
+        cx: &Ctx,
+        id: SlotId,
+        base: Gfn,
+        npages: u64,
+        gmem: Option<(GmemId, PgOff)>,
+    ) -> KvmResult<()> {
+        self.slots_lock.lock(cx).await;
+        let r = self.create_memslot_locked(id, base, npages, gmem);
+        if r.is_ok() {
+            self.swap_active_memslots(cx).await;
+        }
+        self.slots_lock.unlock(cx).await;
+        r
+    }
+
+    fn create_memslot_locked(
+        &self,
+        id: SlotId,
+        base: Gfn,
+        npages: u64,
+        gmem: Option<(GmemId, PgOff)>,
+    ) -> KvmResult<()> {
+        let mut st = self.st.borrow_mut();
+        if npages == 0 || st.memslots.by_id(id).is_some() {
+            return Err(Errno::EINVAL);
+        }
+        let end = base.add(npages);
+        if st
+            .memslots
+            .slots
+            .iter()
+            .any(|s| s.base_gfn < end && base < s.end())
+        {
+            return Err(Errno::EEXIST);
+        }
+        if let Some((file, off)) = gmem {
+            let f = st.gmem.files.get(&file).ok_or(Errno::EINVAL)?;
+            if off.0 + npages > f.npages {
+                return Err(Errno::EINVAL);
+            }
+            let overlaps = st.memslots.slots.iter().any(|s| {
+                s.gmem.is_some_and(|(g, o)| {
+                    g == file && o.0 < off.0 + npages && off.0 < o.0 + s.npages
+                })
+            });
+            if overlaps {
+                return Err(Errno::EINVAL);
+            }
+        }
+        st.memslots.slots.push(Memslot {
+            id,
+            base_gfn: base,
+            npages,
+            invalid: false,
+            gmem,
+            user: BTreeMap::new(),
+        });
+        Ok(())
+    }
+
+    /// KVM_SET_USER_MEMORY_REGION2 with size 0: `kvm_set_memslot(KVM_MR_DELETE)` — install the
+    /// INVALID copy and wait out SRCU readers, zap the range on every root
+    /// (`kvm_mmu_zap_memslot`: TDX never fast-zaps), then remove the slot and wait again.
+    pub async fn delete_memslot(&self, cx: &Ctx, id: SlotId) -> KvmResult<()> {
+        self.slots_lock.lock(cx).await;
+        let range = {
+            let mut st = self.st.borrow_mut();
+            match st.memslots.by_id_mut(id) {
+                Some(s) => {
+                    s.invalid = true;
+                    Some((s.base_gfn, s.end()))
+                }
+                None => None,
+            }
+        };
+        let Some((start, end)) = range else {
+            self.slots_lock.unlock(cx).await;
+            return Err(Errno::EINVAL);
+        };
+        cx.note("memslot invalid", start.raw(), end.raw());
+        self.swap_active_memslots(cx).await;
+        self.kvm_mmu_zap_memslot(cx, start, end).await;
+        let slot = {
+            let mut st = self.st.borrow_mut();
+            let i = st
+                .memslots
+                .slots
+                .iter()
+                .position(|s| s.id == id)
+                .expect("slot");
+            st.memslots.slots.remove(i)
+        };
+        self.swap_active_memslots(cx).await;
+        // kvm_free_memslot: userspace memory stays the VMM's; the model returns it here.
+        {
+            let mut h = self.host.borrow_mut();
+            for p in slot.user.values() {
+                let r = h.ledger.free(*p);
+                h.record(cx.step(), r);
+            }
+        }
+        self.slots_lock.unlock(cx).await;
+        Ok(())
+    }
+
+    /// `kvm_mmu_zap_memslot`: mmu_lock for write, unmap the slot's range on mirror, direct and
+    /// invalid roots.
+    pub async fn kvm_mmu_zap_memslot(&self, cx: &Ctx, start: Gfn, end: Gfn) {
+        self.mmu_lock.write(cx).await;
+        self.kvm_tdp_mmu_unmap_gfn_range(cx, start, end, true, true)
+            .await;
+        self.mmu_lock.write_unlock(cx).await;
+    }
+}

@@ -1,0 +1,322 @@
+//! The page-fault path (arch/x86/kvm/mmu/mmu.c, mmu_internal.h, tdp_mmu.c:kvm_tdp_mmu_map).
+
+use crate::addr::{Gfn, Gpa, Pfn, PgLevel};
+use crate::host::{AllocFor, KernelUse};
+use crate::sched::{Ctx, Point};
+
+use super::spte::Spte;
+use super::tdp_mmu::SetFail;
+use crate::kvm::{Errno, Kvm, KvmResult};
+
+/// `enum ret_pf` (mmu_internal.h); errors are `Err(Errno)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum RetPf {
+    Continue,
+    Retry,
+    Emulate,
+    WriteProtected,
+    Invalid,
+    Fixed,
+    Spurious,
+}
+
+/// `struct kvm_page_fault`, the fields the model uses.
+#[derive(Clone, Copy, Debug)]
+pub struct PageFault {
+    pub addr: Gpa,
+    pub gfn: Gfn,
+    pub is_private: bool,
+    pub write: bool,
+    pub exec: bool,
+    pub prefetch: bool,
+    pub goal_level: PgLevel,
+    pub pfn: Option<Pfn>,
+    pub mmu_seq: u64,
+}
+
+/// How the lock-free part of faultin ended.
+enum Faultin {
+    Pfn(Pfn),
+    Ret(RetPf),
+    Err(Errno),
+    /// Also report KVM_EXIT_MEMORY_FAULT.
+    MemoryFault(Errno),
+}
+
+/// The exit KVM_RUN reports with -EFAULT for a private/shared mismatch or a guest_memfd error
+/// (`kvm_mmu_prepare_memory_fault_exit`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryFaultExit {
+    pub gpa: Gpa,
+    pub private: bool,
+}
+
+impl Kvm {
+    /// `kvm_mmu_page_fault` for an EPT violation of vCPU `v` (the TDX exit handler's caller).
+    pub async fn kvm_mmu_page_fault(
+        &self,
+        cx: &Ctx,
+        v: usize,
+        gpa: Gpa,
+        write: bool,
+        exec: bool,
+        private: bool,
+    ) -> KvmResult<RetPf> {
+        if self.st.borrow().vcpus[v].root.is_none() {
+            self.warn(cx, "kvm_mmu_page_fault", "no valid root".into());
+            return Ok(RetPf::Retry);
+        }
+        let r = self
+            .kvm_mmu_do_page_fault(cx, v, gpa, write, exec, private, false)
+            .await?;
+        if r == RetPf::Invalid {
+            self.bug(cx, "kvm_mmu_page_fault", "RET_PF_INVALID".into());
+            return Err(Errno::EIO);
+        }
+        Ok(r)
+    }
+
+    /// `kvm_mmu_do_page_fault` -> `kvm_tdp_page_fault` -> `kvm_tdp_mmu_page_fault`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn kvm_mmu_do_page_fault(
+        &self,
+        cx: &Ctx,
+        v: usize,
+        gpa: Gpa,
+        write: bool,
+        exec: bool,
+        private: bool,
+        prefetch: bool,
+    ) -> KvmResult<RetPf> {
+        let mut fault = PageFault {
+            addr: gpa,
+            gfn: gpa.gfn(),
+            is_private: private,
+            write,
+            exec,
+            prefetch,
+            // TDX's private_max_mapping_level is 4K; the model maps shared memory at 4K too.
+            goal_level: PgLevel::L4K,
+            pfn: None,
+            mmu_seq: 0,
+        };
+        cx.yield_now(Point::YieldArg("kvm_tdp_mmu_page_fault", gpa.raw()))
+            .await;
+        let mut r = self.kvm_mmu_faultin_pfn(cx, v, &mut fault).await?;
+        if r == RetPf::Continue {
+            self.mmu_lock.read(cx).await;
+            r = if self.is_page_fault_stale(v, &fault) {
+                RetPf::Retry
+            } else {
+                self.kvm_tdp_mmu_map(cx, v, &fault).await
+            };
+            self.mmu_lock.read_unlock(cx).await;
+        }
+        if r == RetPf::Emulate && fault.is_private {
+            // A private fault must never need emulation.
+            self.set_memory_fault_exit(v, fault.addr, true);
+            return Err(Errno::EFAULT);
+        }
+        Ok(r)
+    }
+
+    /// Records KVM_EXIT_MEMORY_FAULT for KVM_RUN to report.
+    pub(crate) fn set_memory_fault_exit(&self, v: usize, gpa: Gpa, private: bool) {
+        self.st.borrow_mut().vcpus[v].guest.memory_fault = Some(MemoryFaultExit {
+            gpa: gpa.to_private(),
+            private,
+        });
+    }
+
+    /// `kvm_mmu_faultin_pfn`: mismatch with the memory attributes, invalid slot, invalidation
+    /// in progress, then the pfn from guest_memfd (private) or userspace memory (shared).
+    async fn kvm_mmu_faultin_pfn(
+        &self,
+        cx: &Ctx,
+        v: usize,
+        fault: &mut PageFault,
+    ) -> KvmResult<RetPf> {
+        match self.faultin_locked(fault) {
+            Faultin::Pfn(pfn) => fault.pfn = Some(pfn),
+            Faultin::Ret(r) => return Ok(r),
+            Faultin::Err(e) => return Err(e),
+            Faultin::MemoryFault(e) => {
+                self.set_memory_fault_exit(v, fault.addr, fault.is_private);
+                return Err(e);
+            }
+        }
+        cx.yield_at("kvm_mmu_faultin_pfn").await;
+        if Self::invalidate_retry(&self.st.borrow().invalidate, fault.mmu_seq, fault.gfn) {
+            return Ok(RetPf::Retry);
+        }
+        Ok(RetPf::Continue)
+    }
+
+    /// The part of `kvm_mmu_faultin_pfn` up to having the pfn, with no yield point.
+    fn faultin_locked(&self, fault: &mut PageFault) -> Faultin {
+        let mut st = self.st.borrow_mut();
+        let st = &mut *st;
+        fault.mmu_seq = st.invalidate.seq;
+        if fault.is_private != st.attributes.is_private(fault.gfn) {
+            return Faultin::MemoryFault(Errno::EFAULT);
+        }
+        let Some(slot) = st.memslots.lookup_mut(fault.gfn) else {
+            // No memslot: MMIO (`kvm_handle_noslot_fault`); a TD's MMIO is emulated.
+            return Faultin::Ret(RetPf::Emulate);
+        };
+        if slot.invalid {
+            // Deleted or moved under us (seed 004): prefetch punts to userspace.
+            if fault.prefetch {
+                return Faultin::Err(Errno::EAGAIN);
+            }
+            return Faultin::Ret(RetPf::Retry);
+        }
+        if Self::invalidate_retry(&st.invalidate, fault.mmu_seq, fault.gfn) {
+            return Faultin::Ret(RetPf::Retry);
+        }
+        let mut host = self.host.borrow_mut();
+        if fault.is_private {
+            let Some((file, index)) = slot.gmem_index(fault.gfn) else {
+                return Faultin::MemoryFault(Errno::EFAULT);
+            };
+            match st.gmem.get_pfn(&mut host, file, index) {
+                Ok(p) => Faultin::Pfn(p),
+                Err(e) => Faultin::MemoryFault(e),
+            }
+        } else {
+            let off = fault.gfn.offset_from(slot.base_gfn);
+            if let Some(p) = slot.user.get(&off) {
+                return Faultin::Pfn(*p);
+            }
+            match host.ledger.alloc(AllocFor::Kernel(KernelUse::UserMemory)) {
+                Ok(p) => {
+                    slot.user.insert(off, p);
+                    Faultin::Pfn(p)
+                }
+                Err(_) => Faultin::Err(Errno::ENOMEM),
+            }
+        }
+    }
+
+    /// `mmu_invalidate_retry_gfn`.
+    fn invalidate_retry(inv: &crate::kvm::MmuInvalidate, seq: u64, gfn: Gfn) -> bool {
+        (inv.in_progress > 0 && gfn >= inv.start && gfn < inv.end) || inv.seq != seq
+    }
+
+    /// `is_page_fault_stale` (mmu_lock held): the direct root is obsolete, or an invalidation
+    /// raced with the fault.
+    fn is_page_fault_stale(&self, v: usize, fault: &PageFault) -> bool {
+        let st = self.st.borrow();
+        let vc = &st.vcpus[v];
+        let obsolete = match vc.root {
+            Some(r) => st.mmu.sps.get(&r).is_none_or(|s| s.invalid),
+            None => true,
+        };
+        obsolete || Self::invalidate_retry(&st.invalidate, fault.mmu_seq, fault.gfn)
+    }
+
+    /// `kvm_tdp_mmu_map` (mmu_lock held for read): walk from the fault's root, linking missing
+    /// tables, and install the leaf at the goal level.
+    pub(crate) async fn kvm_tdp_mmu_map(&self, cx: &Ctx, v: usize, fault: &PageFault) -> RetPf {
+        let root = {
+            let st = self.st.borrow();
+            let vc = &st.vcpus[v];
+            if fault.is_private {
+                vc.mirror_root
+            } else {
+                vc.root
+            }
+        };
+        let Some(mut sp) = root else {
+            return RetPf::Retry;
+        };
+        loop {
+            let (level, idx, old) = {
+                let st = self.st.borrow();
+                let s = st.mmu.get(sp);
+                let idx = super::tdp_mmu::index(fault.gfn, s.level);
+                (s.level, idx, st.mmu.spte(sp, idx))
+            };
+            if old.is_frozen() {
+                return RetPf::Retry;
+            }
+            if level == fault.goal_level {
+                return self
+                    .map_handle_target_level(cx, sp, idx, level, fault, old)
+                    .await;
+            }
+            if old.is_present() && !old.is_leaf() {
+                match self.st.borrow().mmu.child(old) {
+                    Some(c) => sp = c,
+                    None => return RetPf::Retry,
+                }
+                continue;
+            }
+            let mirror = self.st.borrow().mmu.get(sp).mirror;
+            if old.is_present() {
+                // A huge leaf to split: never on mirror roots in this kernel.
+                if mirror {
+                    self.bug(
+                        cx,
+                        "kvm_tdp_mmu_map",
+                        "huge page split on a mirror root".into(),
+                    );
+                }
+                return RetPf::Retry;
+            }
+            let lower = level.lower().expect("above the goal level");
+            let child = match self.alloc_sp(lower, fault.gfn.align_down(level), mirror) {
+                Ok(c) => c,
+                Err(_) => return RetPf::Retry,
+            };
+            let spt = self.st.borrow().mmu.get(child).spt;
+            match self
+                .tdp_mmu_set_spte_atomic(
+                    cx,
+                    sp,
+                    idx,
+                    fault.gfn.align_down(level),
+                    old,
+                    Spte::nonleaf(spt),
+                )
+                .await
+            {
+                Ok(()) => sp = child,
+                Err(_) => {
+                    // `tdp_mmu_link_sp` failed: free the unused table.
+                    self.free_sp(child);
+                    return RetPf::Retry;
+                }
+            }
+        }
+    }
+
+    /// `tdp_mmu_map_handle_target_level`.
+    async fn map_handle_target_level(
+        &self,
+        cx: &Ctx,
+        sp: crate::kvm::SpId,
+        idx: u16,
+        level: PgLevel,
+        fault: &PageFault,
+        old: Spte,
+    ) -> RetPf {
+        if old.is_present() && (fault.prefetch || old.is_leaf()) {
+            return RetPf::Spurious;
+        }
+        let Some(pfn) = fault.pfn else {
+            return RetPf::Emulate;
+        };
+        let new = Spte::leaf(pfn, level);
+        if new == old {
+            return RetPf::Spurious;
+        }
+        match self
+            .tdp_mmu_set_spte_atomic(cx, sp, idx, fault.gfn, old, new)
+            .await
+        {
+            Ok(()) => RetPf::Fixed,
+            Err(SetFail::Busy) | Err(SetFail::Hook(_)) => RetPf::Retry,
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The x86 MMU pieces the TDX private-memory path uses.
+
+pub mod fault;
+pub mod spte;
+pub mod tdp_mmu;

@@ -1,0 +1,501 @@
+//! The TDP MMU (arch/x86/kvm/mmu/tdp_mmu.c): roots, shadow pages, the atomic set path with the
+//! mirror freeze protocol, the write-locked zap path with the external (S-EPT) hooks.
+//!
+//! Shadow pages are sparse tables of SPTEs. A non-leaf SPTE holds the pfn of its child's `spt`
+//! page, as in KVM; a mirror shadow page also owns the `external_spt` page handed to the TDX
+//! module. Every SPTE compare-and-exchange is a yield point.
+
+use std::collections::BTreeMap;
+
+use crate::addr::{Gfn, Pfn, PgLevel};
+use crate::host::{AllocFor, KernelUse};
+use crate::sched::{Ctx, Point};
+
+use super::spte::Spte;
+use crate::kvm::{Errno, Kvm, KvmResult};
+
+/// A shadow page (`struct kvm_mmu_page`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SpId(pub u32);
+
+/// One page table.
+#[derive(Clone, Debug)]
+pub struct Sp {
+    /// Level of the entries in this table (a root's are 512G).
+    pub level: PgLevel,
+    /// First gfn this table covers.
+    pub base: Gfn,
+    /// `role.is_mirror`.
+    pub mirror: bool,
+    /// The page holding the table (`sp->spt`).
+    pub spt: Pfn,
+    /// `sp->external_spt`: the S-EPT page (mirror only; None once intentionally leaked).
+    pub external_spt: Option<Pfn>,
+    pub sptes: BTreeMap<u16, Spte>,
+    /// Roots: `role.invalid`, reference count, `tdp_mmu_scheduled_root_to_zap`.
+    pub invalid: bool,
+    pub refcount: u32,
+    pub scheduled_to_zap: bool,
+}
+
+/// All shadow pages of the VM.
+#[derive(Clone, Debug, Default)]
+pub struct TdpMmu {
+    pub sps: BTreeMap<SpId, Sp>,
+    by_spt: BTreeMap<Pfn, SpId>,
+    /// `kvm->arch.tdp_mmu_roots`.
+    pub roots: Vec<SpId>,
+    next: u32,
+}
+
+/// Index of `gfn`'s entry in a table of `level` entries.
+pub fn index(gfn: Gfn, level: PgLevel) -> u16 {
+    ((gfn.raw() >> (9 * u64::from(level.kvm() - 1))) & 511) as u16
+}
+
+impl TdpMmu {
+    pub fn get(&self, id: SpId) -> &Sp {
+        &self.sps[&id]
+    }
+
+    pub fn spte(&self, id: SpId, idx: u16) -> Spte {
+        self.sps[&id]
+            .sptes
+            .get(&idx)
+            .copied()
+            .unwrap_or(Spte::NONPRESENT)
+    }
+
+    pub fn set(&mut self, id: SpId, idx: u16, v: Spte) {
+        let sp = self.sps.get_mut(&id).expect("sp");
+        if v == Spte::NONPRESENT {
+            sp.sptes.remove(&idx);
+        } else {
+            sp.sptes.insert(idx, v);
+        }
+    }
+
+    /// The shadow page a non-leaf SPTE points to.
+    pub fn child(&self, spte: Spte) -> Option<SpId> {
+        self.by_spt.get(&spte.pfn()).copied()
+    }
+
+    fn insert(&mut self, sp: Sp) -> SpId {
+        let id = SpId(self.next);
+        self.next += 1;
+        self.by_spt.insert(sp.spt, id);
+        self.sps.insert(id, sp);
+        id
+    }
+
+    fn remove(&mut self, id: SpId) -> Sp {
+        let sp = self.sps.remove(&id).expect("sp");
+        self.by_spt.remove(&sp.spt);
+        self.roots.retain(|r| *r != id);
+        sp
+    }
+
+    /// The table and index of the SPTE at `level` covering `gfn`, if every table above exists.
+    pub fn walk(&self, root: SpId, gfn: Gfn, level: PgLevel) -> Option<(SpId, u16)> {
+        let mut sp = root;
+        loop {
+            let s = &self.sps[&sp];
+            let idx = index(gfn, s.level);
+            if s.level == level {
+                return Some((sp, idx));
+            }
+            let e = self.spte(sp, idx);
+            if !e.is_present() || e.is_leaf() {
+                return None;
+            }
+            sp = self.child(e)?;
+        }
+    }
+
+    /// Every present leaf under `root` in `[start, end)`: (table, index, level, gfn, spte).
+    pub fn leaves(&self, root: SpId, start: Gfn, end: Gfn) -> Vec<(SpId, u16, PgLevel, Gfn, Spte)> {
+        let mut out = Vec::new();
+        self.collect(root, start, end, &mut out);
+        out
+    }
+
+    fn collect(
+        &self,
+        sp: SpId,
+        start: Gfn,
+        end: Gfn,
+        out: &mut Vec<(SpId, u16, PgLevel, Gfn, Spte)>,
+    ) {
+        let s = &self.sps[&sp];
+        for (&idx, &e) in &s.sptes {
+            let gfn = s.base.add(u64::from(idx) * s.level.pages());
+            if gfn.add(s.level.pages()) <= start || gfn >= end {
+                continue;
+            }
+            if e.is_leaf() {
+                out.push((sp, idx, s.level, gfn, e));
+            } else if e.is_present() {
+                if let Some(c) = self.child(e) {
+                    self.collect(c, start, end, out);
+                }
+            }
+        }
+    }
+
+    /// Every present non-leaf SPTE under `root` (for the desync check): (level, gfn, child);
+    /// `None` if the SPTE points at a page that is no longer a table (freed under it).
+    pub fn tables(&self, root: SpId) -> Vec<(PgLevel, Gfn, Option<SpId>)> {
+        let mut out = Vec::new();
+        let mut stack = vec![root];
+        while let Some(sp) = stack.pop() {
+            let s = &self.sps[&sp];
+            for (&idx, &e) in &s.sptes {
+                if e.is_present() && !e.is_leaf() {
+                    let c = self.child(e);
+                    out.push((s.level, s.base.add(u64::from(idx) * s.level.pages()), c));
+                    stack.extend(c);
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Frozen SPTEs anywhere (a frozen SPTE at a quiescent point means a lost unfreeze).
+    pub fn frozen(&self) -> Vec<(SpId, u16)> {
+        self.sps
+            .iter()
+            .flat_map(|(id, s)| {
+                s.sptes
+                    .iter()
+                    .filter(|(_, e)| e.is_frozen())
+                    .map(move |(i, _)| (*id, *i))
+            })
+            .collect()
+    }
+}
+
+/// Why a SPTE update did not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SetFail {
+    /// Lost the compare-and-exchange or found it frozen (-EBUSY).
+    Busy,
+    /// The external hook failed with this errno.
+    Hook(Errno),
+}
+
+impl Kvm {
+    /// Allocates a shadow page (and its S-EPT page if mirror) from the vCPU's caches.
+    pub(crate) fn alloc_sp(&self, level: PgLevel, base: Gfn, mirror: bool) -> KvmResult<SpId> {
+        let mut host = self.host.borrow_mut();
+        let spt = host
+            .ledger
+            .alloc(AllocFor::Kernel(KernelUse::MmuPage))
+            .map_err(|_| Errno::ENOMEM)?;
+        let external_spt = if mirror {
+            match host.ledger.alloc(AllocFor::Kernel(KernelUse::Sept)) {
+                Ok(p) => Some(p),
+                Err(_) => {
+                    let r = host.ledger.free(spt);
+                    host.record(0, r);
+                    return Err(Errno::ENOMEM);
+                }
+            }
+        } else {
+            None
+        };
+        drop(host);
+        let sp = Sp {
+            level,
+            base,
+            mirror,
+            spt,
+            external_spt,
+            sptes: BTreeMap::new(),
+            invalid: false,
+            refcount: 0,
+            scheduled_to_zap: false,
+        };
+        Ok(self.st.borrow_mut().mmu.insert(sp))
+    }
+
+    /// `tdp_mmu_free_sp`: frees the table page and, if still owned, the S-EPT page.
+    pub(crate) fn free_sp(&self, id: SpId) {
+        let sp = self.st.borrow_mut().mmu.remove(id);
+        let mut host = self.host.borrow_mut();
+        let r = host.ledger.free(sp.spt);
+        host.record(0, r);
+        if let Some(p) = sp.external_spt {
+            let r = host.ledger.free(p);
+            host.record(0, r);
+        }
+    }
+
+    /// `kvm_tdp_mmu_alloc_root`: an existing valid root of the kind, or a new one (refcount 2:
+    /// the vCPU's and the MMU's own).
+    pub fn tdp_mmu_alloc_root(&self, mirror: bool) -> KvmResult<SpId> {
+        {
+            let mut st = self.st.borrow_mut();
+            let found = st
+                .mmu
+                .roots
+                .iter()
+                .copied()
+                .find(|r| st.mmu.sps[r].mirror == mirror && !st.mmu.sps[r].invalid);
+            if let Some(r) = found {
+                st.mmu.sps.get_mut(&r).expect("root").refcount += 1;
+                return Ok(r);
+            }
+        }
+        let id = self.alloc_sp(PgLevel::L512G, Gfn::new(0), mirror)?;
+        let mut st = self.st.borrow_mut();
+        st.mmu.sps.get_mut(&id).expect("root").refcount = 2;
+        st.mmu.roots.push(id);
+        Ok(id)
+    }
+
+    /// `kvm_tdp_mmu_put_root`: the last reference may only drop on an invalid root.
+    pub(crate) fn tdp_mmu_put_root(&self, cx: &Ctx, root: SpId) {
+        let last = {
+            let mut st = self.st.borrow_mut();
+            let sp = st.mmu.sps.get_mut(&root).expect("root");
+            sp.refcount -= 1;
+            if sp.refcount == 0 && !sp.invalid {
+                drop(st);
+                self.bug(
+                    cx,
+                    "kvm_tdp_mmu_put_root",
+                    "last reference to a valid root".into(),
+                );
+                return;
+            }
+            sp.refcount == 0
+        };
+        if last {
+            self.free_sp(root);
+        }
+    }
+
+    /// `tdp_mmu_set_spte_atomic` (mmu_lock held for read): cmpxchg `old` -> `new` at
+    /// (sp, idx); on a mirror table, `set_external_spte_present` instead.
+    pub(crate) async fn tdp_mmu_set_spte_atomic(
+        &self,
+        cx: &Ctx,
+        sp: SpId,
+        idx: u16,
+        gfn: Gfn,
+        old: Spte,
+        new: Spte,
+    ) -> Result<(), SetFail> {
+        cx.yield_now(Point::YieldArg("tdp_mmu_set_spte_atomic", gfn.raw()))
+            .await;
+        let (mirror, level) = {
+            let st = self.st.borrow();
+            let s = st.mmu.get(sp);
+            (s.mirror, s.level)
+        };
+        if !mirror {
+            let mut st = self.st.borrow_mut();
+            if st.mmu.spte(sp, idx) != old {
+                return Err(SetFail::Busy);
+            }
+            st.mmu.set(sp, idx, new);
+            return Ok(());
+        }
+        if !new.is_present() {
+            // Atomic zapping of mirror SPTEs is not supported.
+            self.bug(
+                cx,
+                "__tdp_mmu_set_spte_atomic",
+                "atomic zap of a mirror SPTE".into(),
+            );
+            return Err(SetFail::Busy);
+        }
+        self.set_external_spte_present(cx, sp, idx, level, gfn, old, new)
+            .await
+    }
+
+    /// `set_external_spte_present`: freeze the mirror SPTE, run the S-EPT hook, then write the
+    /// new value or restore the old one (seed 003). Policies: `no_freeze` writes the final value
+    /// before the hook; `no_restore_on_fail` keeps it when the hook fails.
+    #[allow(clippy::too_many_arguments)]
+    async fn set_external_spte_present(
+        &self,
+        cx: &Ctx,
+        sp: SpId,
+        idx: u16,
+        level: PgLevel,
+        gfn: Gfn,
+        old: Spte,
+        new: Spte,
+    ) -> Result<(), SetFail> {
+        if old.is_present() {
+            self.bug(
+                cx,
+                "set_external_spte_present",
+                "old mirror SPTE present".into(),
+            );
+            return Err(SetFail::Busy);
+        }
+        let placeholder = if self.policy.freeze {
+            Spte::FROZEN
+        } else {
+            new
+        };
+        {
+            let mut st = self.st.borrow_mut();
+            if st.mmu.spte(sp, idx) != old {
+                return Err(SetFail::Busy);
+            }
+            st.mmu.set(sp, idx, placeholder);
+        }
+        cx.note("mirror spte", gfn.raw(), placeholder.raw());
+        let r = self
+            .tdx_sept_set_private_spte(cx, gfn, old, new, level)
+            .await;
+        let mut st = self.st.borrow_mut();
+        match r {
+            Ok(()) => {
+                st.mmu.set(sp, idx, new);
+                Ok(())
+            }
+            Err(e) => {
+                let v = if self.policy.restore_on_fail {
+                    old
+                } else {
+                    new
+                };
+                st.mmu.set(sp, idx, v);
+                Err(SetFail::Hook(e))
+            }
+        }
+    }
+
+    /// `tdp_mmu_set_spte` (mmu_lock held for write): write `new`, then `handle_changed_spte`,
+    /// which for a mirror leaf going away calls the S-EPT removal hook; that must not fail.
+    pub(crate) async fn tdp_mmu_set_spte(&self, cx: &Ctx, sp: SpId, idx: u16, gfn: Gfn, new: Spte) {
+        cx.yield_now(Point::YieldArg("tdp_mmu_set_spte", gfn.raw()))
+            .await;
+        let (old, mirror, level) = {
+            let mut st = self.st.borrow_mut();
+            let old = st.mmu.spte(sp, idx);
+            let s = st.mmu.get(sp);
+            let (mirror, level) = (s.mirror, s.level);
+            if old.is_frozen() || new.is_frozen() {
+                drop(st);
+                self.warn(
+                    cx,
+                    "tdp_mmu_set_spte",
+                    "frozen SPTE under the write lock".into(),
+                );
+                return;
+            }
+            st.mmu.set(sp, idx, new);
+            (old, mirror, level)
+        };
+        self.handle_changed_spte(cx, mirror, gfn, old, new, level)
+            .await;
+    }
+
+    /// `handle_changed_spte` for the changes the model makes: a removed table is torn down
+    /// (`handle_removed_pt`); a mirror leaf going away is propagated to the S-EPT.
+    async fn handle_changed_spte(
+        &self,
+        cx: &Ctx,
+        mirror: bool,
+        gfn: Gfn,
+        old: Spte,
+        new: Spte,
+        level: PgLevel,
+    ) {
+        if old.is_present() && !old.is_leaf() && !new.is_present() {
+            let child = self.st.borrow().mmu.child(old);
+            if let Some(c) = child {
+                Box::pin(self.handle_removed_pt(cx, c)).await;
+            }
+            return;
+        }
+        if mirror && old.is_leaf() && !new.is_present() {
+            if let Err(e) = self
+                .tdx_sept_set_private_spte(cx, gfn, old, new, level)
+                .await
+            {
+                self.bug(
+                    cx,
+                    "handle_changed_spte",
+                    format!("S-EPT removal of {gfn} failed ({e:?}) with mmu_lock held for write"),
+                );
+            }
+        }
+    }
+
+    /// `handle_removed_pt` (exclusive): every entry of a dying table is zapped (recursively),
+    /// then a mirror table's S-EPT page goes to `free_external_spt` and the table is freed.
+    pub(crate) async fn handle_removed_pt(&self, cx: &Ctx, sp: SpId) {
+        let (entries, mirror, level, base) = {
+            let st = self.st.borrow();
+            let s = st.mmu.get(sp);
+            let e: Vec<(u16, Spte)> = s.sptes.iter().map(|(i, v)| (*i, *v)).collect();
+            (e, s.mirror, s.level, s.base)
+        };
+        for (idx, old) in entries {
+            if !old.is_present() {
+                continue;
+            }
+            let gfn = base.add(u64::from(idx) * level.pages());
+            self.st.borrow_mut().mmu.set(sp, idx, Spte::NONPRESENT);
+            self.handle_changed_spte(cx, mirror, gfn, old, Spte::NONPRESENT, level)
+                .await;
+        }
+        if mirror {
+            self.tdx_sept_free_private_spt(cx, sp).await;
+        }
+        self.free_sp(sp);
+    }
+
+    /// `tdp_mmu_zap_leafs` (mmu_lock held for write): zap every present leaf of `root` in
+    /// `[start, end)`.
+    pub async fn tdp_mmu_zap_leafs(&self, cx: &Ctx, root: SpId, start: Gfn, end: Gfn) -> bool {
+        let leaves = self.st.borrow().mmu.leaves(root, start, end);
+        let flush = !leaves.is_empty();
+        for (sp, idx, _, gfn, _) in leaves {
+            // Re-read: an earlier hook may have yielded, but nothing else writes under the
+            // write lock.
+            self.tdp_mmu_set_spte(cx, sp, idx, gfn, Spte::NONPRESENT)
+                .await;
+        }
+        flush
+    }
+}
+
+impl Kvm {
+    /// `kvm_tdp_mmu_unmap_gfn_range` (mmu_lock held for write): zap leaves of `[start, end)`
+    /// in the mirror roots (`private`), the direct roots (`shared`), and every invalid root.
+    pub async fn kvm_tdp_mmu_unmap_gfn_range(
+        &self,
+        cx: &Ctx,
+        start: Gfn,
+        end: Gfn,
+        private: bool,
+        shared: bool,
+    ) -> bool {
+        debug_assert!(self.mmu_lock.held_write(cx));
+        let roots: Vec<SpId> = {
+            let st = self.st.borrow();
+            st.mmu
+                .roots
+                .iter()
+                .copied()
+                .filter(|r| {
+                    let s = st.mmu.get(*r);
+                    s.invalid || (s.mirror && private) || (!s.mirror && shared)
+                })
+                .collect()
+        };
+        let mut flush = false;
+        for r in roots {
+            flush |= self.tdp_mmu_zap_leafs(cx, r, start, end).await;
+        }
+        flush
+    }
+}

@@ -1,0 +1,3 @@
+//! Vendor code: TDX.
+
+pub mod tdx;

@@ -1,0 +1,608 @@
+//! KVM's TDX support (arch/x86/kvm/vmx/tdx.c, newest design: one `set_external_spte` hook
+//! that maps tables, maps leaves or removes leaves; `tdh_do_no_vcpus` for removal retries).
+
+use crate::addr::{Gfn, Gpa, Pfn, PgLevel};
+use crate::host::{AllocFor, CacheKey, KernelUse, LeakReason};
+use crate::ids::Hkid;
+use crate::sched::Ctx;
+use crate::tdx_module::{Code, EnterOutcome, GuestExit, Lp, SeamErr, SeamResult, TdParams};
+
+use crate::kvm::mmu::fault::RetPf;
+use crate::kvm::{Errno, Kvm, KvmResult, Request, SpId, Spte, TdState};
+
+/// Why the guest stopped running (the TD exit KVM handles).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TdExit {
+    /// VP.ENTER did not enter (BUSY, or no entry while `wait_for_sept_zap`): re-enter.
+    FastpathHandled,
+    /// An external interrupt or kick.
+    Interrupt,
+    EptViolation {
+        gpa: Gpa,
+        eeq: crate::tdx_module::Eeq,
+        exec: bool,
+    },
+    /// The guest called MapGPA (TDG.VP.VMCALL<MapGPA>).
+    MapGpa {
+        gpa: Gpa,
+        npages: u64,
+        to_private: bool,
+    },
+    /// The guest program finished (the model's HLT).
+    Done,
+    /// TDX_HOST_PRIORITY_BUSY_TIMEOUT: re-enter.
+    HostPriorityTimeout,
+    /// VP.ENTER failed with a non-BUSY error.
+    EnterFailed(SeamErr),
+}
+
+/// Retries of the `retry16` policy's wrapper (`TDX_SEAMCALL_RETRIES` of the removed hack).
+const RETRY16: usize = 16;
+
+impl Kvm {
+    fn tdr(&self) -> Pfn {
+        self.st.borrow().tdx.tdr.expect("TD created")
+    }
+
+    /// The `retry16` policy's wrapper: retry BUSY up to 16 times, no kick.
+    async fn sept_seamcall<F, Fut, T>(&self, f: F) -> SeamResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = SeamResult<T>>,
+    {
+        let tries = if self.policy.sept_retry16 { RETRY16 } else { 1 };
+        let mut r = f().await;
+        for _ in 1..tries {
+            match &r {
+                Err(e) if e.status.is_operand_busy() => r = f().await,
+                _ => break,
+            }
+        }
+        r
+    }
+
+    /// `tdh_do_no_vcpus`: on TDX_OPERAND_BUSY, block vCPU entry, kick every vCPU out of guest
+    /// mode (waiting for them), retry exactly once. Policy `no_kick_on_busy_remove` retries
+    /// without the kick.
+    async fn tdh_do_no_vcpus<F, Fut, T>(&self, cx: &Ctx, f: F) -> SeamResult<T>
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = SeamResult<T>>,
+    {
+        debug_assert!(self.mmu_lock.held_write(cx));
+        let r = self.sept_seamcall(&f).await;
+        match &r {
+            // The retry16 design has no kick: its 16 tries are all it does.
+            Err(e) if e.status.is_operand_busy() && !self.policy.sept_retry16 => {}
+            _ => return r,
+        }
+        if !self.policy.kick_on_busy_remove {
+            return f().await;
+        }
+        self.st.borrow_mut().tdx.wait_for_sept_zap = true;
+        self.make_all_cpus_request(cx, Request::OutsideGuestMode)
+            .await;
+        let r = f().await;
+        self.st.borrow_mut().tdx.wait_for_sept_zap = false;
+        r
+    }
+
+    /// `tdx_sept_set_private_spte` (kvm_x86_ops.set_external_spte): dispatches on the change.
+    pub(crate) async fn tdx_sept_set_private_spte(
+        &self,
+        cx: &Ctx,
+        gfn: Gfn,
+        old: Spte,
+        new: Spte,
+        level: PgLevel,
+    ) -> KvmResult<()> {
+        if old.is_present() {
+            return self.tdx_sept_remove_leaf_spte(cx, gfn, level, old).await;
+        }
+        if !new.is_present() {
+            self.bug(
+                cx,
+                "tdx_sept_set_private_spte",
+                "neither old nor new present".into(),
+            );
+            return Err(Errno::EIO);
+        }
+        if new.is_leaf() {
+            self.tdx_sept_map_leaf_spte(cx, gfn, level, new.pfn()).await
+        } else {
+            self.tdx_sept_map_nonleaf_spte(cx, gfn, level, new).await
+        }
+    }
+
+    /// `tdx_sept_map_nonleaf_spte`: TDH.MEM.SEPT.ADD of the child's S-EPT page.
+    async fn tdx_sept_map_nonleaf_spte(
+        &self,
+        cx: &Ctx,
+        gfn: Gfn,
+        level: PgLevel,
+        new: Spte,
+    ) -> KvmResult<()> {
+        let ext = {
+            let st = self.st.borrow();
+            st.mmu.child(new).and_then(|c| st.mmu.get(c).external_spt)
+        };
+        let Some(page) = ext else {
+            self.bug(
+                cx,
+                "tdx_spte_to_sept_pt",
+                "child without external_spt".into(),
+            );
+            return Err(Errno::EIO);
+        };
+        let tdr = self.tdr();
+        let m = &self.module;
+        match self
+            .sept_seamcall(|| m.tdh_mem_sept_add(cx, tdr, gfn.gpa(), level, page))
+            .await
+        {
+            Ok(()) => Ok(()),
+            Err(e) if e.status.is_operand_busy() => Err(Errno::EBUSY),
+            Err(e) => {
+                self.bug(
+                    cx,
+                    "tdx_sept_map_nonleaf_spte",
+                    format!("TDH.MEM.SEPT.ADD: {e}"),
+                );
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    /// `tdx_sept_map_leaf_spte`: TDH.MEM.PAGE.AUG once runnable, TDH.MEM.PAGE.ADD of
+    /// `page_add_src` during the build.
+    async fn tdx_sept_map_leaf_spte(
+        &self,
+        cx: &Ctx,
+        gfn: Gfn,
+        level: PgLevel,
+        pfn: Pfn,
+    ) -> KvmResult<()> {
+        if level != PgLevel::L4K {
+            self.bug(cx, "tdx_sept_map_leaf_spte", format!("level {level}"));
+            return Err(Errno::EIO);
+        }
+        let (runnable, src, pre_fault) = {
+            let st = self.st.borrow();
+            (
+                st.tdx.state == TdState::Runnable,
+                st.tdx.page_add_src,
+                st.tdx.pre_fault_allowed,
+            )
+        };
+        let tdr = self.tdr();
+        let m = &self.module;
+        let (r, leaf) = if runnable {
+            let r = self
+                .sept_seamcall(|| m.tdh_mem_page_aug(cx, tdr, gfn.gpa(), level, pfn))
+                .await;
+            (r, "TDH.MEM.PAGE.AUG")
+        } else {
+            let Some(src) = src.filter(|_| !pre_fault) else {
+                self.bug(cx, "tdx_mem_page_add", "no page_add_src".into());
+                return Err(Errno::EIO);
+            };
+            (
+                m.tdh_mem_page_add(cx, tdr, gfn.gpa(), pfn, src).await,
+                "TDH.MEM.PAGE.ADD",
+            )
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.status.is_operand_busy() => Err(Errno::EBUSY),
+            Err(e) => {
+                self.bug(cx, "tdx_sept_map_leaf_spte", format!("{leaf}: {e}"));
+                Err(Errno::EIO)
+            }
+        }
+    }
+
+    /// `tdx_sept_remove_leaf_spte` (mmu_lock held for write): BLOCK, TRACK + kick, REMOVE,
+    /// WBINVD under the HKID, clear. Must not fail; a failure bugs the VM.
+    async fn tdx_sept_remove_leaf_spte(
+        &self,
+        cx: &Ctx,
+        gfn: Gfn,
+        level: PgLevel,
+        old: Spte,
+    ) -> KvmResult<()> {
+        let Some(hkid) = self.st.borrow().tdx.hkid else {
+            self.bug(cx, "tdx_sept_remove_leaf_spte", "no HKID".into());
+            return Err(Errno::EIO);
+        };
+        if level != PgLevel::L4K {
+            self.bug(cx, "tdx_sept_remove_leaf_spte", format!("level {level}"));
+            return Err(Errno::EIO);
+        }
+        let tdr = self.tdr();
+        let m = &self.module;
+        let gpa = gfn.gpa();
+        if let Err(e) = self
+            .tdh_do_no_vcpus(cx, || m.tdh_mem_range_block(cx, tdr, gpa, level))
+            .await
+        {
+            self.bug(
+                cx,
+                "tdx_sept_remove_leaf_spte",
+                format!("TDH.MEM.RANGE.BLOCK: {e}"),
+            );
+            return Err(Errno::EIO);
+        }
+        if self.policy.track_before_remove {
+            self.tdx_track(cx).await;
+        }
+        let pfn = match self
+            .tdh_do_no_vcpus(cx, || m.tdh_mem_page_remove(cx, tdr, gpa, level))
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                self.bug(
+                    cx,
+                    "tdx_sept_remove_leaf_spte",
+                    format!("TDH.MEM.PAGE.REMOVE: {e}"),
+                );
+                return Err(Errno::EIO);
+            }
+        };
+        if pfn != old.pfn() {
+            self.bug(
+                cx,
+                "tdx_sept_remove_leaf_spte",
+                format!("removed {pfn}, mirror had {}", old.pfn()),
+            );
+        }
+        if let Err(e) = m.tdh_phymem_page_wbinvd(cx, pfn, CacheKey::Td(hkid)).await {
+            self.bug(
+                cx,
+                "tdx_sept_remove_leaf_spte",
+                format!("TDH.PHYMEM.PAGE.WBINVD: {e}"),
+            );
+            return Err(Errno::EIO);
+        }
+        // tdx_quirk_reset_paddr: the page goes back to guest_memfd zeroed.
+        let mut h = self.host.borrow_mut();
+        let r = h.ledger.clear(pfn);
+        h.record(cx.step(), r);
+        h.write(pfn, 0);
+        Ok(())
+    }
+
+    /// `tdx_track` (mmu_lock held for write): TDH.MEM.TRACK, then kick every vCPU so none still
+    /// runs in the old epoch.
+    async fn tdx_track(&self, cx: &Ctx) {
+        if self.st.borrow().tdx.state != TdState::Runnable {
+            return;
+        }
+        let tdr = self.tdr();
+        let m = &self.module;
+        if let Err(e) = self.tdh_do_no_vcpus(cx, || m.tdh_mem_track(cx, tdr)).await {
+            self.bug(cx, "tdx_track", format!("TDH.MEM.TRACK: {e}"));
+        }
+        self.make_all_cpus_request(cx, Request::OutsideGuestMode)
+            .await;
+    }
+
+    /// `tdx_sept_free_private_spt` (teardown, HKID already released): reclaim the S-EPT page,
+    /// or leak it on failure; `sp->external_spt` is cleared either way.
+    pub(crate) async fn tdx_sept_free_private_spt(&self, cx: &Ctx, sp: SpId) {
+        let page = self
+            .st
+            .borrow_mut()
+            .mmu
+            .sps
+            .get_mut(&sp)
+            .and_then(|s| s.external_spt.take());
+        let Some(page) = page else { return };
+        if self.st.borrow().tdx.hkid.is_some() {
+            self.bug(
+                cx,
+                "tdx_sept_free_private_spt",
+                "HKID still assigned".into(),
+            );
+            let mut h = self.host.borrow_mut();
+            let r = h.ledger.leak(page, LeakReason::SeptFreeFailed);
+            h.record(cx.step(), r);
+            return;
+        }
+        self.tdx_reclaim_page(cx, page).await;
+    }
+
+    /// `tdx_reclaim_page`: TDH.PHYMEM.PAGE.RECLAIM, then clear and free; leak on failure (a WARN,
+    /// not a VM bug: `TDX_BUG_ON` is called without the VM).
+    pub(crate) async fn tdx_reclaim_page(&self, cx: &Ctx, page: Pfn) -> bool {
+        match self.module.tdh_phymem_page_reclaim(cx, page).await {
+            Ok(_) => {
+                let mut h = self.host.borrow_mut();
+                if self.policy.clear_after_reclaim {
+                    let r = h.ledger.clear(page);
+                    h.record(cx.step(), r);
+                }
+                let r = h.ledger.free(page);
+                h.record(cx.step(), r);
+                true
+            }
+            Err(e) => {
+                self.warn(
+                    cx,
+                    "__tdx_reclaim_page",
+                    format!("TDH.PHYMEM.PAGE.RECLAIM {page}: {e}"),
+                );
+                let mut h = self.host.borrow_mut();
+                let r = h.ledger.leak(page, LeakReason::ReclaimFailed);
+                h.record(cx.step(), r);
+                false
+            }
+        }
+    }
+
+    /// `tdx_td_init` (KVM_TDX_INIT_VM) for the model's TD: HKID, TDR, MNG.CREATE, KEY.CONFIG on
+    /// each package, ADDCX for each TDCS page, MNG.INIT.
+    pub async fn tdx_td_init(&self, cx: &Ctx, hkid: Hkid, max_vcpus: u32) -> KvmResult<()> {
+        if self.st.borrow().tdx.state != TdState::Uninitialized {
+            return Err(Errno::EINVAL);
+        }
+        if !self.st.borrow().vcpus.is_empty() {
+            return Err(Errno::EBUSY);
+        }
+        let (packages, ntdcs) = {
+            let s = self.module.state();
+            (s.config.packages, s.config.tdcs_pages)
+        };
+        let alloc = |u| {
+            self.host
+                .borrow_mut()
+                .ledger
+                .alloc(AllocFor::Kernel(u))
+                .map_err(|_| Errno::ENOMEM)
+        };
+        let tdr = alloc(KernelUse::Tdr)?;
+        let m = &self.module;
+        match m.tdh_mng_create(cx, tdr, hkid).await {
+            Ok(_) => {}
+            Err(e) => {
+                let mut h = self.host.borrow_mut();
+                let r = h.ledger.free(tdr);
+                h.record(cx.step(), r);
+                if e.status.code == Code::RndNoEntropy {
+                    return Err(Errno::EAGAIN);
+                }
+                self.warn(cx, "__tdx_td_init", format!("TDH.MNG.CREATE: {e}"));
+                return Err(Errno::EIO);
+            }
+        }
+        {
+            let mut st = self.st.borrow_mut();
+            st.tdx.hkid = Some(hkid);
+            st.tdx.tdr = Some(tdr);
+        }
+        for pkg in 0..packages {
+            if let Err(e) = m.tdh_mng_key_config(cx, Lp(pkg), tdr).await {
+                self.bug(cx, "__tdx_td_init", format!("TDH.MNG.KEY.CONFIG: {e}"));
+                return Err(Errno::EIO);
+            }
+        }
+        for _ in 0..ntdcs {
+            let p = alloc(KernelUse::Tdcs)?;
+            if let Err(e) = m.tdh_mng_addcx(cx, tdr, p).await {
+                let mut h = self.host.borrow_mut();
+                let r = h.ledger.free(p);
+                h.record(cx.step(), r);
+                if e.status.code == Code::RndNoEntropy {
+                    return Err(Errno::EAGAIN);
+                }
+                drop(h);
+                self.bug(cx, "__tdx_td_init", format!("TDH.MNG.ADDCX: {e}"));
+                return Err(Errno::EIO);
+            }
+            self.st.borrow_mut().tdx.tdcs.push(p);
+        }
+        if let Err(e) = m.tdh_mng_init(cx, tdr, TdParams { max_vcpus }).await {
+            if e.status.code == Code::OperandInvalid {
+                return Err(Errno::EINVAL);
+            }
+            self.bug(cx, "__tdx_td_init", format!("TDH.MNG.INIT: {e}"));
+            return Err(Errno::EIO);
+        }
+        self.st.borrow_mut().tdx.state = TdState::Initialized;
+        Ok(())
+    }
+
+    /// `tdx_vcpu_create` + `tdx_td_vcpu_init` (KVM_CREATE_VCPU + KVM_TDX_INIT_VCPU) of vCPU `v`.
+    pub async fn tdx_td_vcpu_init(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
+        if self.st.borrow().tdx.state != TdState::Initialized {
+            return Err(Errno::EINVAL);
+        }
+        if self.st.borrow().vcpus[v].initialized {
+            return Err(Errno::EINVAL);
+        }
+        let (lp, tdr, n) = {
+            let st = self.st.borrow();
+            (
+                st.vcpus[v].lp,
+                st.tdx.tdr.expect("tdr"),
+                self.module.state().config.tdvps_pages,
+            )
+        };
+        let alloc = |u| {
+            self.host
+                .borrow_mut()
+                .ledger
+                .alloc(AllocFor::Kernel(u))
+                .map_err(|_| Errno::ENOMEM)
+        };
+        let tdvpr = alloc(KernelUse::Tdvpr)?;
+        let m = &self.module;
+        if let Err(e) = m.tdh_vp_create(cx, tdr, tdvpr).await {
+            let mut h = self.host.borrow_mut();
+            let r = h.ledger.free(tdvpr);
+            h.record(cx.step(), r);
+            drop(h);
+            self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.CREATE: {e}"));
+            return Err(Errno::EIO);
+        }
+        self.st.borrow_mut().vcpus[v].tdvpr = Some(tdvpr);
+        for _ in 1..n {
+            let p = alloc(KernelUse::Tdcx)?;
+            if let Err(e) = m.tdh_vp_addcx(cx, tdvpr, p).await {
+                let mut h = self.host.borrow_mut();
+                let r = h.ledger.free(p);
+                h.record(cx.step(), r);
+                drop(h);
+                self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.ADDCX: {e}"));
+                return Err(Errno::EIO);
+            }
+            self.st.borrow_mut().vcpus[v].tdcx.push(p);
+        }
+        // VP.INIT may take the TDR exclusively inside the module: it runs under mmu_lock for
+        // write so that it cannot make a must-not-fail zap see BUSY.
+        self.mmu_lock.write(cx).await;
+        let r = m.tdh_vp_init(cx, lp, tdvpr).await;
+        self.mmu_lock.write_unlock(cx).await;
+        if let Err(e) = r {
+            self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.INIT: {e}"));
+            return Err(Errno::EIO);
+        }
+        self.st.borrow_mut().vcpus[v].initialized = true;
+        Ok(())
+    }
+
+    /// `tdx_td_finalize` (KVM_TDX_FINALIZE_VM).
+    pub async fn tdx_td_finalize(&self, cx: &Ctx) -> KvmResult<()> {
+        {
+            let st = self.st.borrow();
+            if st.tdx.hkid.is_none() || st.tdx.state == TdState::Runnable {
+                return Err(Errno::EINVAL);
+            }
+        }
+        let tdr = self.tdr();
+        match self.module.tdh_mr_finalize(cx, tdr).await {
+            Ok(()) => {}
+            Err(e) if e.status.is_operand_busy() => return Err(Errno::EBUSY),
+            Err(e) => {
+                self.bug(cx, "tdx_td_finalize", format!("TDH.MR.FINALIZE: {e}"));
+                return Err(Errno::EIO);
+            }
+        }
+        let mut st = self.st.borrow_mut();
+        st.tdx.state = TdState::Runnable;
+        st.tdx.pre_fault_allowed = true;
+        Ok(())
+    }
+
+    /// `tdx_vcpu_run`: no entry while `wait_for_sept_zap`; TDH.VP.ENTER; then the guest runs
+    /// until it exits (`tdx_exit_handlers_fastpath` turns BUSY into a re-entry).
+    pub(crate) async fn tdx_vcpu_run(&self, cx: &Ctx, v: usize) -> TdExit {
+        if self.st.borrow().tdx.wait_for_sept_zap {
+            cx.yield_at("tdx_vcpu_run:wait_for_sept_zap").await;
+            return TdExit::FastpathHandled;
+        }
+        let (lp, tdvpr, rip) = {
+            let st = self.st.borrow();
+            let vc = &st.vcpus[v];
+            (vc.lp, vc.tdvpr.expect("initialized vCPU"), vc.guest.rip())
+        };
+        match self.module.tdh_vp_enter(cx, lp, tdvpr, rip).await {
+            Ok(EnterOutcome::Entered) => crate::guest::run_guest(self, cx, v, tdvpr).await,
+            Ok(EnterOutcome::EptViolation { gpa }) => TdExit::EptViolation {
+                gpa,
+                eeq: crate::tdx_module::Eeq::None,
+                exec: false,
+            },
+            Err(e) if e.status.is_operand_busy() => TdExit::FastpathHandled,
+            Err(e) => TdExit::EnterFailed(e),
+        }
+    }
+
+    /// `tdx_handle_exit` for the exits the model produces; returns >0 to re-enter, 0 to exit to
+    /// userspace (with the run's exit info set), or an errno.
+    pub(crate) async fn tdx_handle_exit(&self, cx: &Ctx, v: usize, exit: TdExit) -> KvmResult<i32> {
+        match exit {
+            TdExit::FastpathHandled | TdExit::Interrupt | TdExit::HostPriorityTimeout => Ok(1),
+            TdExit::Done => Ok(0),
+            TdExit::MapGpa { .. } => Ok(0),
+            TdExit::EnterFailed(e) => {
+                self.bug(cx, "tdx_handle_exit", format!("TDH.VP.ENTER: {e}"));
+                Err(Errno::EIO)
+            }
+            TdExit::EptViolation { gpa, eeq, exec } => {
+                self.tdx_handle_ept_violation(cx, v, gpa, eeq, exec).await
+            }
+        }
+    }
+
+    /// `tdx_handle_ept_violation`: private faults retry locally while the result is
+    /// RET_PF_RETRY, stopping for pending events or signals, a dead VM, or a memslot being
+    /// deleted or moved (so the vCPU drops SRCU and the update can finish).
+    async fn tdx_handle_ept_violation(
+        &self,
+        cx: &Ctx,
+        v: usize,
+        gpa: Gpa,
+        eeq: crate::tdx_module::Eeq,
+        exec: bool,
+    ) -> KvmResult<i32> {
+        let private = !gpa.is_shared();
+        if private && eeq == crate::tdx_module::Eeq::PendingEptViolation {
+            // The guest touched a page it never accepted.
+            self.warn(
+                cx,
+                "tdx_handle_ept_violation",
+                format!("guest accessed unaccepted {gpa}"),
+            );
+            self.vm_dead();
+            return Err(Errno::EIO);
+        }
+        if !private && exec {
+            self.bug(
+                cx,
+                "tdx_handle_ept_violation",
+                "instruction fetch from shared memory".into(),
+            );
+            return Err(Errno::EIO);
+        }
+        let local_retry = private && self.policy.local_retry;
+        loop {
+            let r = self
+                .kvm_mmu_page_fault(cx, v, gpa, true, false, private)
+                .await?;
+            if r != RetPf::Retry || !local_retry {
+                return Ok(1);
+            }
+            {
+                let st = self.st.borrow();
+                let vc = &st.vcpus[v];
+                if vc.pending_event || vc.signal_pending {
+                    return Ok(1);
+                }
+            }
+            if self.test_request(v, Request::VmDead) {
+                return Err(Errno::EIO);
+            }
+            if self.policy.ept_loop_checks_invalid_slot {
+                let invalid = self
+                    .st
+                    .borrow()
+                    .memslots
+                    .lookup(gpa.gfn())
+                    .is_some_and(|s| s.invalid);
+                if invalid {
+                    return Ok(1);
+                }
+            }
+            cx.yield_at("tdx_handle_ept_violation:cond_resched").await;
+        }
+    }
+
+    /// The guest's TDCALL or access exited: translate the module's exit for KVM.
+    pub(crate) fn guest_exit(exit: GuestExit, exec: bool) -> TdExit {
+        match exit {
+            GuestExit::EptViolation { gpa, eeq } => TdExit::EptViolation { gpa, eeq, exec },
+            GuestExit::HostPriorityBusyTimeout => TdExit::HostPriorityTimeout,
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! The vCPU run loop (arch/x86/kvm/x86.c: `kvm_arch_vcpu_ioctl_run`, `vcpu_run`,
+//! `vcpu_enter_guest`) and MMU root loading (mmu.c: `kvm_mmu_reload`).
+
+use crate::addr::Gpa;
+use crate::sched::Ctx;
+
+use super::mmu::fault::MemoryFaultExit;
+use super::vmx::tdx::TdExit;
+use super::{Errno, GuestMode, Kvm, KvmResult, Request, TdState};
+
+/// What KVM_RUN reports to userspace when it returns 0 or -EFAULT.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunExit {
+    /// KVM_EXIT_MEMORY_FAULT (with -EFAULT): convert the range, then run again.
+    MemoryFault(MemoryFaultExit),
+    /// KVM_EXIT_HYPERCALL(KVM_HC_MAP_GPA_RANGE).
+    MapGpa {
+        gpa: Gpa,
+        npages: u64,
+        to_private: bool,
+    },
+    /// The guest program finished.
+    Done,
+}
+
+impl Kvm {
+    /// `kvm_arch_vcpu_ioctl_run` -> `vcpu_run`: loop entering the guest until an exit needs
+    /// userspace; runs inside `kvm->srcu` except while the guest runs.
+    pub async fn kvm_run(&self, cx: &Ctx, v: usize) -> KvmResult<RunExit> {
+        {
+            let st = self.st.borrow();
+            if st.tdx.state != TdState::Runnable || !st.vcpus[v].initialized {
+                return Err(Errno::EINVAL);
+            }
+        }
+        let idx = self.srcu.read_lock(cx).await;
+        self.st.borrow_mut().vcpus[v].srcu = Some(idx);
+        let r = loop {
+            if self.st.borrow().vcpus[v].signal_pending {
+                self.st.borrow_mut().vcpus[v].signal_pending = false;
+                break Err(Errno::EINTR);
+            }
+            match self.vcpu_enter_guest(cx, v).await {
+                Ok(n) if n > 0 => continue,
+                Ok(_) => break Ok(self.take_run_exit(v)),
+                Err(Errno::EFAULT) if self.st.borrow().vcpus[v].guest.memory_fault.is_some() => {
+                    break Ok(self.take_run_exit(v));
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let idx = self.st.borrow_mut().vcpus[v]
+            .srcu
+            .take()
+            .expect("srcu held");
+        self.srcu.read_unlock(cx, idx).await;
+        r
+    }
+
+    fn take_run_exit(&self, v: usize) -> RunExit {
+        let mut st = self.st.borrow_mut();
+        let g = &mut st.vcpus[v].guest;
+        if let Some(f) = g.memory_fault.take() {
+            return RunExit::MemoryFault(f);
+        }
+        if let Some((gpa, npages, to_private)) = g.map_gpa.take() {
+            return RunExit::MapGpa {
+                gpa,
+                npages,
+                to_private,
+            };
+        }
+        RunExit::Done
+    }
+
+    /// `vcpu_enter_guest`: requests, `kvm_mmu_reload`, IN_GUEST_MODE with SRCU dropped, the
+    /// last-moment exit check, the guest, then the exit handler with SRCU retaken.
+    async fn vcpu_enter_guest(&self, cx: &Ctx, v: usize) -> KvmResult<i32> {
+        cx.yield_at("vcpu_enter_guest").await;
+        if self.request_pending(v) {
+            if self.test_request(v, Request::VmDead) {
+                return Err(Errno::EIO);
+            }
+            if self.check_request(v, Request::MmuFreeObsoleteRoots) {
+                self.kvm_mmu_free_obsolete_roots(cx, v);
+            }
+            self.check_request(v, Request::TlbFlush);
+        }
+        self.kvm_mmu_reload(cx, v)?;
+        self.st.borrow_mut().vcpus[v].mode = GuestMode::InGuest;
+        let idx = self.st.borrow_mut().vcpus[v]
+            .srcu
+            .take()
+            .expect("srcu held");
+        self.srcu.read_unlock_now(cx, idx);
+        let exit_now = {
+            let st = self.st.borrow();
+            let vc = &st.vcpus[v];
+            vc.mode == GuestMode::ExitingGuest || vc.requests != 0 || vc.signal_pending
+        };
+        let exit = if exit_now {
+            TdExit::FastpathHandled
+        } else {
+            self.tdx_vcpu_run(cx, v).await
+        };
+        self.st.borrow_mut().vcpus[v].mode = GuestMode::OutsideGuest;
+        self.ipi_ack.wake_all(cx);
+        let idx = self.srcu.read_lock_now(cx);
+        self.st.borrow_mut().vcpus[v].srcu = Some(idx);
+        self.tdx_handle_exit(cx, v, exit).await
+    }
+
+    /// `kvm_mmu_reload` -> `kvm_mmu_load`: allocate the mirror root if missing and a direct root
+    /// if the current one is gone.
+    pub fn kvm_mmu_reload(&self, _cx: &Ctx, v: usize) -> KvmResult<()> {
+        let (has_mirror, root_ok) = {
+            let st = self.st.borrow();
+            let vc = &st.vcpus[v];
+            (
+                vc.mirror_root.is_some(),
+                vc.root.is_some_and(|r| st.mmu.sps.contains_key(&r)),
+            )
+        };
+        if root_ok {
+            return Ok(());
+        }
+        if !has_mirror {
+            let m = self.tdp_mmu_alloc_root(true)?;
+            self.st.borrow_mut().vcpus[v].mirror_root = Some(m);
+        }
+        let r = self.tdp_mmu_alloc_root(false)?;
+        self.st.borrow_mut().vcpus[v].root = Some(r);
+        Ok(())
+    }
+
+    /// `kvm_mmu_free_obsolete_roots`: drop the vCPU's reference to an invalid direct root (the
+    /// mirror root is never examined).
+    pub fn kvm_mmu_free_obsolete_roots(&self, cx: &Ctx, v: usize) {
+        let root = {
+            let st = self.st.borrow();
+            st.vcpus[v]
+                .root
+                .filter(|r| st.mmu.sps.get(r).is_some_and(|s| s.invalid))
+        };
+        if let Some(r) = root {
+            self.st.borrow_mut().vcpus[v].root = None;
+            self.tdp_mmu_put_root(cx, r);
+        }
+    }
+}

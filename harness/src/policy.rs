@@ -1,0 +1,218 @@
+//! Design decisions as data: one field per decision point of the private-memory path, and the
+//! mailing-list designs (spec section 4) as named presets. `upstream` is the kernel as merged.
+
+/// What KVM_PRE_FAULT_MEMORY does when the gfn's memslot is being deleted or moved (seed 004).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrefaultOnInvalidSlot {
+    /// Upstream: return -EAGAIN to userspace (kvm_mmu_faultin_pfn, fault->prefetch).
+    EAgain,
+    /// Retry inside KVM while still holding SRCU.
+    RetryHoldingSrcu,
+    /// Drop and retake SRCU between retries, without reloading the MMU.
+    DropSrcuNoReload,
+    /// Drop SRCU and kvm_mmu_reload(), without processing KVM_REQ_MMU_FREE_OBSOLETE_ROOTS.
+    ReloadNoFreeObsolete,
+}
+
+/// One value per decision point.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Policy {
+    pub name: &'static str,
+    /// S-EPT SEAMCALL wrappers retry TDX_OPERAND_BUSY up to 16 times, then fail (the removed
+    /// "[HACK] Retry seamcall" of seed 000); no kick.
+    pub sept_retry16: bool,
+    /// Removal (BLOCK/TRACK/REMOVE) answers BUSY by kicking vCPUs out and blocking entry before
+    /// its one retry (`tdh_do_no_vcpus`); false retries once without the kick.
+    pub kick_on_busy_remove: bool,
+    /// tdx_handle_ept_violation retries RET_PF_RETRY locally instead of re-entering the guest.
+    pub local_retry: bool,
+    /// Mirror SPTEs are frozen while the S-EPT SEAMCALL runs (seed 003).
+    pub freeze: bool,
+    /// A failed external hook restores the old SPTE.
+    pub restore_on_fail: bool,
+    /// The EPT-violation retry loop also stops when the gfn's memslot is INVALID (6.18+).
+    pub ept_loop_checks_invalid_slot: bool,
+    pub prefault_invalid_slot: PrefaultOnInvalidSlot,
+    /// TDH.MEM.TRACK and the vCPU kick precede PAGE.REMOVE.
+    pub track_before_remove: bool,
+    /// Teardown reclaims children before the TDR and writes caches back before KEY.FREEID.
+    pub reclaim_in_order: bool,
+    /// Reclaimed pages are cleared (MOVDIR64B) before they go back to the kernel.
+    pub clear_after_reclaim: bool,
+    /// S-EPT managed off to the side (seed 001): fully populated at creation under one lock.
+    pub sept_off_to_side: bool,
+}
+
+impl Policy {
+    /// The kernel as merged.
+    pub const UPSTREAM: Policy = Policy {
+        name: "upstream",
+        sept_retry16: false,
+        kick_on_busy_remove: true,
+        local_retry: true,
+        freeze: true,
+        restore_on_fail: true,
+        ept_loop_checks_invalid_slot: true,
+        prefault_invalid_slot: PrefaultOnInvalidSlot::EAgain,
+        track_before_remove: true,
+        reclaim_in_order: true,
+        clear_after_reclaim: true,
+        sept_off_to_side: false,
+    };
+
+    /// Every named policy with the invariant it is expected to break (`none` for a correct
+    /// alternative measured for cost).
+    pub const ALL: [(Policy, &'static str); 13] = [
+        (Policy::UPSTREAM, "none"),
+        (
+            Policy {
+                name: "retry16",
+                sept_retry16: true,
+                ..Policy::UPSTREAM
+            },
+            "must_not_fail",
+        ),
+        (
+            Policy {
+                name: "no_kick_on_busy_remove",
+                kick_on_busy_remove: false,
+                ..Policy::UPSTREAM
+            },
+            "must_not_fail",
+        ),
+        (
+            Policy {
+                name: "no_local_retry",
+                local_retry: false,
+                ..Policy::UPSTREAM
+            },
+            "none",
+        ),
+        (
+            Policy {
+                name: "no_freeze",
+                freeze: false,
+                ..Policy::UPSTREAM
+            },
+            "mirror_desync",
+        ),
+        (
+            Policy {
+                name: "no_restore_on_fail",
+                restore_on_fail: false,
+                ..Policy::UPSTREAM
+            },
+            "mirror_desync",
+        ),
+        (
+            Policy {
+                name: "ept_loop_ignores_requests",
+                ept_loop_checks_invalid_slot: false,
+                ..Policy::UPSTREAM
+            },
+            "liveness",
+        ),
+        (
+            Policy {
+                name: "prefault_retry_holding_srcu",
+                prefault_invalid_slot: PrefaultOnInvalidSlot::RetryHoldingSrcu,
+                ..Policy::UPSTREAM
+            },
+            "liveness",
+        ),
+        (
+            Policy {
+                name: "prefault_drop_srcu_no_reload",
+                prefault_invalid_slot: PrefaultOnInvalidSlot::DropSrcuNoReload,
+                ..Policy::UPSTREAM
+            },
+            "liveness",
+        ),
+        (
+            Policy {
+                name: "prefault_reload_no_free_obsolete",
+                prefault_invalid_slot: PrefaultOnInvalidSlot::ReloadNoFreeObsolete,
+                ..Policy::UPSTREAM
+            },
+            "liveness",
+        ),
+        (
+            Policy {
+                name: "no_track_before_remove",
+                track_before_remove: false,
+                ..Policy::UPSTREAM
+            },
+            "must_not_fail",
+        ),
+        (
+            Policy {
+                name: "reclaim_out_of_order",
+                reclaim_in_order: false,
+                ..Policy::UPSTREAM
+            },
+            "must_not_fail",
+        ),
+        (
+            Policy {
+                name: "no_clear_after_reclaim",
+                clear_after_reclaim: false,
+                ..Policy::UPSTREAM
+            },
+            "page_ownership",
+        ),
+    ];
+
+    /// A policy by name.
+    pub fn by_name(name: &str) -> Option<Policy> {
+        if name == "sept_off_to_side" {
+            return Some(Policy {
+                name: "sept_off_to_side",
+                sept_off_to_side: true,
+                ..Policy::UPSTREAM
+            });
+        }
+        Self::ALL
+            .iter()
+            .find(|(p, _)| p.name == name)
+            .map(|(p, _)| *p)
+    }
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::UPSTREAM
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_named_policy_changes_one_decision() {
+        for (p, _) in Policy::ALL.iter().skip(1) {
+            let named = Policy::by_name(p.name).unwrap();
+            assert_eq!(named, *p);
+            let diff = [
+                p.sept_retry16 != Policy::UPSTREAM.sept_retry16,
+                p.kick_on_busy_remove != Policy::UPSTREAM.kick_on_busy_remove,
+                p.local_retry != Policy::UPSTREAM.local_retry,
+                p.freeze != Policy::UPSTREAM.freeze,
+                p.restore_on_fail != Policy::UPSTREAM.restore_on_fail,
+                p.ept_loop_checks_invalid_slot != Policy::UPSTREAM.ept_loop_checks_invalid_slot,
+                p.prefault_invalid_slot != Policy::UPSTREAM.prefault_invalid_slot,
+                p.track_before_remove != Policy::UPSTREAM.track_before_remove,
+                p.reclaim_in_order != Policy::UPSTREAM.reclaim_in_order,
+                p.clear_after_reclaim != Policy::UPSTREAM.clear_after_reclaim,
+                p.sept_off_to_side != Policy::UPSTREAM.sept_off_to_side,
+            ];
+            assert_eq!(diff.iter().filter(|d| **d).count(), 1, "{}", p.name);
+        }
+        assert!(
+            Policy::by_name("sept_off_to_side")
+                .unwrap()
+                .sept_off_to_side
+        );
+        assert_eq!(Policy::by_name("nope"), None);
+    }
+}

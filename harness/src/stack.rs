@@ -1,0 +1,122 @@
+//! The whole stack for one run: scheduler, host memory, TDX module, KVM with its policy, and
+//! the upstream build of a runnable TD (what a VMM does before the guest runs).
+
+use std::future::Future;
+use std::rc::Rc;
+
+use crate::addr::Gfn;
+use crate::guest::GuestProgram;
+use crate::host::HostRef;
+use crate::ids::{Hkid, PgOff, SlotId};
+use crate::kvm::Kvm;
+use crate::policy::Policy;
+use crate::sched::{Chooser, Ctx, Executor, Outcome, RoundRobin, TaskId, TraceMode};
+use crate::tdx_module::{Lp, ModuleConfig, TdxModule};
+use crate::vmm::{vcpu_thread, ThreadEnd};
+
+/// Guest-physical size of the model's TD memory: one memslot of this many 4K pages at gfn 0,
+/// bound to one guest_memfd.
+pub const GUEST_PAGES: u64 = 2048;
+
+/// One run's world.
+pub struct Stack {
+    pub ex: Executor,
+    pub cx: Ctx,
+    pub host: HostRef,
+    pub module: Rc<TdxModule>,
+    pub kvm: Rc<Kvm>,
+}
+
+impl Stack {
+    pub fn new(policy: Policy, host_pages: usize, mode: TraceMode) -> Stack {
+        let ex = Executor::new(mode);
+        let cx = ex.ctx();
+        let host = crate::host::Host::shared(host_pages);
+        let module = Rc::new(TdxModule::new(ModuleConfig::default(), host.clone()));
+        let kvm = Kvm::new(&cx, module.clone(), policy);
+        Stack {
+            ex,
+            cx,
+            host,
+            module,
+            kvm,
+        }
+    }
+
+    /// Runs one task to completion (round robin); panics unless everything finishes.
+    pub fn run_setup<F: Future<Output = ()> + 'static>(
+        &mut self,
+        f: impl FnOnce(Ctx, Rc<Kvm>) -> F,
+    ) {
+        let fut = f(self.cx.clone(), self.kvm.clone());
+        self.ex.spawn("setup", fut);
+        let out = self
+            .ex
+            .run(&mut RoundRobin::new(), 1_000_000, &mut |_| true);
+        assert_eq!(out, Outcome::AllDone, "setup must finish");
+    }
+
+    /// A runnable TD with `nvcpus` vCPUs (vCPU i on LP i) and one private memslot of
+    /// GUEST_PAGES pages bound to guest_memfd 0: KVM_TDX_INIT_VM, KVM_CREATE_VCPU +
+    /// KVM_TDX_INIT_VCPU each, the memslot, attributes private, KVM_TDX_FINALIZE_VM.
+    pub fn build_runnable(&mut self, nvcpus: u8) {
+        self.run_setup(move |cx, kvm| async move {
+            kvm.tdx_td_init(&cx, Hkid(32), 4)
+                .await
+                .expect("KVM_TDX_INIT_VM");
+            for i in 0..nvcpus {
+                let v = kvm
+                    .create_vcpu(Lp(i), GuestProgram::default())
+                    .expect("KVM_CREATE_VCPU");
+                kvm.tdx_td_vcpu_init(&cx, v)
+                    .await
+                    .expect("KVM_TDX_INIT_VCPU");
+            }
+            let g = kvm.create_guest_memfd(GUEST_PAGES);
+            kvm.create_memslot(
+                &cx,
+                SlotId(0),
+                Gfn::new(0),
+                GUEST_PAGES,
+                Some((g, PgOff(0))),
+            )
+            .await
+            .expect("memslot");
+            kvm.set_memory_attributes(&cx, Gfn::new(0), Gfn::new(GUEST_PAGES), true)
+                .await
+                .expect("attributes");
+            kvm.tdx_td_finalize(&cx).await.expect("KVM_TDX_FINALIZE_VM");
+        });
+    }
+
+    /// Spawns vCPU `v`'s userspace thread running `program`; its end is written to `out`.
+    pub fn spawn_vcpu(
+        &mut self,
+        v: usize,
+        program: GuestProgram,
+    ) -> (TaskId, Rc<std::cell::Cell<Option<ThreadEnd>>>) {
+        self.kvm.set_guest_program(v, program);
+        let out = Rc::new(std::cell::Cell::new(None));
+        let (cx, kvm, o) = (self.cx.clone(), self.kvm.clone(), out.clone());
+        let id = self.ex.spawn(format!("vcpu{v}"), async move {
+            o.set(Some(vcpu_thread(&kvm, &cx, v).await));
+        });
+        (id, out)
+    }
+
+    /// Spawns a task with the stack's context and KVM.
+    pub fn spawn<F: Future<Output = ()> + 'static>(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(Ctx, Rc<Kvm>) -> F,
+    ) -> TaskId {
+        let fut = f(self.cx.clone(), self.kvm.clone());
+        self.ex.spawn(name.to_string(), fut)
+    }
+
+    /// Runs under `chooser` for at most `budget` more steps.
+    pub fn run(&mut self, chooser: &mut dyn Chooser, budget: u64) -> Outcome {
+        let limit = self.ex.steps() + budget;
+        self.ex.run(chooser, limit, &mut |_| true)
+    }
+}

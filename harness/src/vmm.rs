@@ -1,0 +1,57 @@
+//! The VMM in userspace: what a vCPU thread does with KVM_RUN's exits (QEMU-like): convert
+//! the range of a KVM_EXIT_MEMORY_FAULT or a MapGPA hypercall, retry -EINTR, stop at the end
+//! of the guest program or on an error it cannot handle.
+
+use crate::kvm::x86::RunExit;
+use crate::kvm::{Errno, Kvm};
+use crate::sched::Ctx;
+
+/// How a vCPU thread ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ThreadEnd {
+    GuestDone,
+    Error(Errno),
+}
+
+/// A vCPU thread: KVM_RUN in a loop.
+pub async fn vcpu_thread(kvm: &Kvm, cx: &Ctx, v: usize) -> ThreadEnd {
+    loop {
+        match kvm.kvm_run(cx, v).await {
+            Ok(RunExit::Done) => return ThreadEnd::GuestDone,
+            Ok(RunExit::MemoryFault(f)) => {
+                // Convert the page to what the guest accessed it as, then run again; a fault
+                // outside every memslot is a guest error the VMM stops on.
+                let gfn = f.gpa.gfn();
+                let attrs_match = {
+                    let st = kvm.st.borrow();
+                    st.memslots.lookup(gfn).is_none() || st.attributes.is_private(gfn) == f.private
+                };
+                if attrs_match {
+                    return ThreadEnd::Error(Errno::EFAULT);
+                }
+                if let Err(e) = kvm
+                    .set_memory_attributes(cx, gfn, gfn.add(1), f.private)
+                    .await
+                {
+                    return ThreadEnd::Error(e);
+                }
+            }
+            Ok(RunExit::MapGpa {
+                gpa,
+                npages,
+                to_private,
+            }) => {
+                let gfn = gpa.gfn();
+                let r = kvm
+                    .set_memory_attributes(cx, gfn, gfn.add(npages), to_private)
+                    .await;
+                if let Err(e) = r {
+                    return ThreadEnd::Error(e);
+                }
+                kvm.st.borrow_mut().vcpus[v].guest.map_gpa_acked = true;
+            }
+            Err(Errno::EINTR) => {}
+            Err(e) => return ThreadEnd::Error(e),
+        }
+    }
+}

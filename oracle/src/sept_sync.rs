@@ -1,0 +1,129 @@
+//! `mirror_desync`: KVM's mirror root and the TDX module's S-EPT must describe the same
+//! mappings. A present mirror non-leaf at (level, gfn) needs an S-EPT table entry there whose
+//! page is the shadow page's `external_spt`; a present mirror leaf needs an S-EPT leaf with the
+//! same pfn (MAPPED or PENDING, or BLOCKED while a removal holds mmu_lock for write); and the
+//! reverse. A private leaf's pfn must be guest_memfd's page for that gfn. Frozen SPTEs are in
+//! flight and skipped, unless `quiescent`, where a frozen SPTE is itself a desync (a lost
+//! unfreeze).
+
+use harness::addr::{Gfn, PgLevel};
+use harness::kvm::Kvm;
+use harness::tdx_module::SeptState;
+
+/// Every disagreement, as readable lines.
+pub fn check(kvm: &Kvm, quiescent: bool) -> Vec<String> {
+    let st = kvm.st.borrow();
+    let Some(tdr) = st.tdx.tdr else {
+        return Vec::new();
+    };
+    let module = kvm.module.state();
+    let Some(td) = module.tds.get(&tdr) else {
+        return Vec::new();
+    };
+    if st.tdx.hkid.is_none() {
+        // After the HKID is released the S-EPT is being torn down.
+        return Vec::new();
+    }
+    let mut bad = Vec::new();
+    let mirrors: Vec<_> = st
+        .mmu
+        .roots
+        .iter()
+        .copied()
+        .filter(|r| st.mmu.get(*r).mirror && !st.mmu.get(*r).invalid)
+        .collect();
+    let mut seen_tables: Vec<(PgLevel, Gfn)> = Vec::new();
+    let mut seen_leaves: Vec<(PgLevel, Gfn)> = Vec::new();
+    for root in mirrors {
+        for (level, gfn, child) in st.mmu.tables(root) {
+            seen_tables.push((level, gfn));
+            let Some(child) = child else {
+                bad.push(format!(
+                    "mirror table {level} {gfn} points at a freed page table"
+                ));
+                continue;
+            };
+            let ext = st.mmu.get(child).external_spt;
+            match td.sept.get(level, gfn) {
+                Some(e) if matches!(e.state, SeptState::NlMapped | SeptState::NlBlocked) => {
+                    if Some(e.pfn) != ext {
+                        bad.push(format!(
+                            "mirror table {level} {gfn}: S-EPT page {} but external_spt {ext:?}",
+                            e.pfn
+                        ));
+                    }
+                }
+                other => bad.push(format!(
+                    "mirror table {level} {gfn} present, S-EPT {:?}",
+                    other.map(|e| e.state)
+                )),
+            }
+        }
+        for (_, _, level, gfn, spte) in st.mmu.leaves(root, Gfn::new(0), Gfn::new(u64::MAX >> 12)) {
+            seen_leaves.push((level, gfn));
+            match td.sept.get(level, gfn) {
+                Some(e)
+                    if matches!(
+                        e.state,
+                        SeptState::Mapped
+                            | SeptState::Pending
+                            | SeptState::Blocked
+                            | SeptState::PendingBlocked
+                    ) =>
+                {
+                    if e.pfn != spte.pfn() {
+                        bad.push(format!(
+                            "mirror leaf {gfn} -> {}, S-EPT -> {}",
+                            spte.pfn(),
+                            e.pfn
+                        ));
+                    }
+                    if quiescent && e.state.is_blocked() {
+                        bad.push(format!(
+                            "S-EPT leaf {gfn} left {:?} at a quiescent point",
+                            e.state
+                        ));
+                    }
+                }
+                other => bad.push(format!(
+                    "mirror leaf {gfn} present, S-EPT {:?}",
+                    other.map(|e| e.state)
+                )),
+            }
+            let slot = st.memslots.lookup(gfn);
+            let want = slot
+                .and_then(|s| s.gmem_index(gfn))
+                .and_then(|(f, i)| st.gmem.files.get(&f).and_then(|g| g.pages.get(&i)).copied());
+            if want != Some(spte.pfn()) {
+                bad.push(format!(
+                    "mirror leaf {gfn} -> {}, guest_memfd has {want:?}",
+                    spte.pfn()
+                ));
+            }
+        }
+        if quiescent {
+            for (sp, idx) in st.mmu.frozen() {
+                let s = st.mmu.get(sp);
+                if s.mirror {
+                    bad.push(format!("mirror SPTE {idx} of table {sp:?} still FROZEN"));
+                }
+            }
+        }
+    }
+    // Reverse: every S-EPT entry the mirror does not have.
+    for (level, gfn, e) in td.sept.iter() {
+        let known = if e.state.is_leaf() {
+            seen_leaves.contains(&(level, gfn))
+        } else {
+            seen_tables.contains(&(level, gfn))
+        };
+        // A table entry whose mirror SPTE is frozen is in the middle of its hook.
+        if !known && quiescent {
+            bad.push(format!(
+                "S-EPT {level} {gfn} {:?} with no mirror SPTE",
+                e.state
+            ));
+        }
+    }
+    bad
+}
