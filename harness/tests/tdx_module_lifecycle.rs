@@ -54,10 +54,8 @@ const RCX: u64 = 1;
 const RDX: u64 = 2;
 const OPERAND_ID_MAX_VCPUS: u64 = 68;
 
-// TDCS.op_state and TDVPS.vcpu_state values reported as status details.
-const OP_UNINITIALIZED: u64 = 0;
-const OP_INITIALIZED: u64 = 1;
-const OP_RUNNABLE: u64 = 2;
+// TDVPS.vcpu_state values reported as status details (OP_STATE_INCORRECT carries none at
+// 1666adc).
 const VCPU_UNINITIALIZED: u64 = 0;
 const VCPU_READY: u64 = 2;
 const VCPU_ACTIVE: u64 = 4;
@@ -609,7 +607,7 @@ fn mng_init_before_keys_configured() {
 }
 
 /// MNG.INIT gate step 5: a second MNG.INIT finds op_state INITIALIZED and returns
-/// OP_STATE_INCORRECT with the current op state as detail.
+/// OP_STATE_INCORRECT (bare code at 1666adc: check_any_td_state_map_tdcs_and_lock).
 #[test]
 fn mng_init_twice_is_op_state_incorrect() {
     let mut b = bench(1);
@@ -617,7 +615,7 @@ fn mng_init_twice_is_op_state_incorrect() {
         let tdr = initialized_td(&cx, &m, HKID, 4).await;
         assert_eq!(
             st(m.tdh_mng_init(&cx, tdr, TdParams { max_vcpus: 4 }).await),
-            OP_STATE_INCORRECT | OP_INITIALIZED
+            OP_STATE_INCORRECT
         );
         assert_eq!(m.state().tds[&tdr].max_vcpus, 4);
     });
@@ -666,7 +664,7 @@ fn vp_create_success() {
 }
 
 /// VP.CREATE op-state check (INITIALIZED only here): before MNG.INIT it is
-/// OP_STATE_INCORRECT|UNINITIALIZED, after MR.FINALIZE OP_STATE_INCORRECT|RUNNABLE; a TDVPR
+/// OP_STATE_INCORRECT, after MR.FINALIZE OP_STATE_INCORRECT; a TDVPR
 /// page that is not PT_NDA is PAGE_METADATA_INCORRECT|RCX.
 #[test]
 fn vp_create_wrong_op_state_and_page() {
@@ -678,7 +676,7 @@ fn vp_create_wrong_op_state_and_page() {
         let tdvpr = alloc(&m, KernelUse::Tdvpr);
         assert_eq!(
             st(m.tdh_vp_create(&cx, tdr, tdvpr).await),
-            OP_STATE_INCORRECT | OP_UNINITIALIZED
+            OP_STATE_INCORRECT
         );
         m.tdh_mng_init(&cx, tdr, TdParams { max_vcpus: 4 })
             .await
@@ -691,7 +689,7 @@ fn vp_create_wrong_op_state_and_page() {
         m.tdh_mr_finalize(&cx, tdr).await.unwrap();
         assert_eq!(
             st(m.tdh_vp_create(&cx, tdr, tdvpr).await),
-            OP_STATE_INCORRECT | OP_RUNNABLE
+            OP_STATE_INCORRECT
         );
         assert_eq!(m.state().pamt.get(tdvpr).pt, PageType::Nda);
     });
@@ -743,7 +741,7 @@ fn vp_addcx_too_many_pages() {
     });
 }
 
-/// VP.ADDCX op-state check (INITIALIZED only): after MR.FINALIZE, OP_STATE_INCORRECT|RUNNABLE.
+/// VP.ADDCX op-state check (INITIALIZED only): after MR.FINALIZE, OP_STATE_INCORRECT.
 #[test]
 fn vp_addcx_after_finalize_is_op_state_incorrect() {
     let mut b = bench(1);
@@ -754,10 +752,7 @@ fn vp_addcx_after_finalize_is_op_state_incorrect() {
         build_vcpu(&cx, &m, tdr, Lp(1)).await;
         m.tdh_mr_finalize(&cx, tdr).await.unwrap();
         let p = alloc(&m, KernelUse::Tdcx);
-        assert_eq!(
-            st(m.tdh_vp_addcx(&cx, tdvpr, p).await),
-            OP_STATE_INCORRECT | OP_RUNNABLE
-        );
+        assert_eq!(st(m.tdh_vp_addcx(&cx, tdvpr, p).await), OP_STATE_INCORRECT);
     });
 }
 
@@ -832,7 +827,7 @@ fn vp_init_max_vcpus_exceeded() {
 }
 
 /// VP.INIT op-state check (INITIALIZED only): a vCPU created before MR.FINALIZE cannot be
-/// initialised after it: OP_STATE_INCORRECT|RUNNABLE.
+/// initialised after it: OP_STATE_INCORRECT.
 #[test]
 fn vp_init_after_finalize_is_op_state_incorrect() {
     let mut b = bench(1);
@@ -843,7 +838,7 @@ fn vp_init_after_finalize_is_op_state_incorrect() {
         m.tdh_mr_finalize(&cx, tdr).await.unwrap();
         assert_eq!(
             st(m.tdh_vp_init(&cx, Lp(1), late).await),
-            OP_STATE_INCORRECT | OP_RUNNABLE
+            OP_STATE_INCORRECT
         );
     });
 }
@@ -980,7 +975,7 @@ fn vp_enter_success() {
 }
 
 /// VP.ENTER gate step 5: before MR.FINALIZE the op state is INITIALIZED, which VP.ENTER does
-/// not allow: OP_STATE_INCORRECT|INITIALIZED.
+/// not allow: OP_STATE_INCORRECT.
 #[test]
 fn vp_enter_before_finalize() {
     let mut b = bench(1);
@@ -989,7 +984,7 @@ fn vp_enter_before_finalize() {
         let v = &td.vcpus[0];
         assert_eq!(
             st(m.tdh_vp_enter(&cx, v.lp, v.tdvpr, 0).await),
-            OP_STATE_INCORRECT | OP_INITIALIZED
+            OP_STATE_INCORRECT
         );
         assert!(m.state().locks.none_held());
     });
@@ -1135,7 +1130,7 @@ fn mr_extend_unmapped_gpa() {
 }
 
 /// MR.EXTEND op-state check (INITIALIZED only): after MR.FINALIZE,
-/// OP_STATE_INCORRECT|RUNNABLE.
+/// OP_STATE_INCORRECT.
 #[test]
 fn mr_extend_after_finalize() {
     let mut b = bench(1);
@@ -1144,7 +1139,7 @@ fn mr_extend_after_finalize() {
         m.tdh_mr_finalize(&cx, td.tdr).await.unwrap();
         assert_eq!(
             st(m.tdh_mr_extend(&cx, td.tdr, g).await),
-            OP_STATE_INCORRECT | OP_RUNNABLE
+            OP_STATE_INCORRECT
         );
     });
 }
@@ -1174,23 +1169,17 @@ fn mr_finalize_without_vcpus() {
 }
 
 /// MR.FINALIZE op-state check (INITIALIZED only): a second call finds RUNNABLE:
-/// OP_STATE_INCORRECT|RUNNABLE; before MNG.INIT, OP_STATE_INCORRECT|UNINITIALIZED.
+/// OP_STATE_INCORRECT; before MNG.INIT, OP_STATE_INCORRECT.
 #[test]
 fn mr_finalize_twice() {
     let mut b = bench(1);
     b.run(|cx, m| async move {
         let td = runnable_td(&cx, &m, 1).await;
-        assert_eq!(
-            st(m.tdh_mr_finalize(&cx, td.tdr).await),
-            OP_STATE_INCORRECT | OP_RUNNABLE
-        );
+        assert_eq!(st(m.tdh_mr_finalize(&cx, td.tdr).await), OP_STATE_INCORRECT);
         let tdr = create_keyed(&cx, &m, Hkid(33)).await;
         let n = m.state().config.tdcs_pages;
         add_tdcs(&cx, &m, tdr, n).await;
-        assert_eq!(
-            st(m.tdh_mr_finalize(&cx, tdr).await),
-            OP_STATE_INCORRECT | OP_UNINITIALIZED
-        );
+        assert_eq!(st(m.tdh_mr_finalize(&cx, tdr).await), OP_STATE_INCORRECT);
     });
 }
 

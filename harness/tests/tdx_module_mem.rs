@@ -494,7 +494,6 @@ fn page_add_after_finalize_is_op_state_incorrect() {
 /// TDX_OP_STATE_INCORRECT with no operand (0xC000060800000000); only another helpers.c variant
 /// adds the current op_state.
 #[test]
-#[ignore = "model deviation: gate() (mod.rs) adds the op_state as operand to OP_STATE_INCORRECT (0xC000060800000002 in RUNNABLE); 1666adc returns 0xC000060800000000"]
 fn page_add_op_state_incorrect_has_no_operand() {
     let mut b = bench();
     let td = runnable_td(&mut b, 1);

@@ -124,6 +124,36 @@ pub fn check_outcome(
                 .join("; ");
             points.sort();
             points.dedup();
+            if !rep.cycle.is_empty() {
+                // Some tasks spin instead of sleeping, but they wait on each other in a cycle.
+                let mut waits: Vec<String> = rep
+                    .cycle
+                    .iter()
+                    .map(|(_, w)| wait_name(*w, &objs))
+                    .collect();
+                let shown = rep
+                    .cycle
+                    .iter()
+                    .map(|(t, w)| {
+                        format!("{} waits in {}", names[t.0 as usize], wait_name(*w, &objs))
+                    })
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                waits.sort();
+                return Some(Violation {
+                    kind: ViolationKind::Liveness,
+                    location,
+                    key: format!("deadlock:{}", waits.join("+")),
+                    detail: format!("deadlock (spin-wait cycle): {shown}"),
+                    step: rep.steps,
+                    tasks: rep
+                        .cycle
+                        .iter()
+                        .map(|(t, _)| names[t.0 as usize].clone())
+                        .collect(),
+                    recent: recent(ex),
+                });
+            }
             Some(Violation {
                 kind: ViolationKind::Liveness,
                 location,

@@ -74,6 +74,9 @@ struct TaskSlot {
     name: String,
     state: TaskState,
     last_point: Point,
+    /// A retry loop that cannot progress until `WaitOn`'s holder does (a spin-wait): it stays
+    /// runnable, but counts as a wait-for edge when looking for cycles.
+    spinning: Option<WaitOn>,
 }
 
 /// How the last poll of a task ended, as signalled by the yield and block futures.
@@ -81,6 +84,7 @@ struct TaskSlot {
 enum Pending {
     None,
     Yield(Point),
+    Spin(Point, WaitOn),
     Block(WaitOn),
 }
 
@@ -118,6 +122,22 @@ impl Ctx {
             core: &self.0,
             what: Some(Pending::Yield(point)),
         }
+    }
+
+    /// A yield point inside a retry loop that only ends when the holder of `on` makes progress
+    /// (e.g. retrying a fault on a memslot whose update holds slots_lock). The task stays
+    /// runnable; until `spin_end`, liveness checks treat it as waiting on `on`.
+    pub fn spin_on(&self, point: Point, on: WaitOn) -> YieldNow<'_> {
+        YieldNow {
+            core: &self.0,
+            what: Some(Pending::Spin(point, on)),
+        }
+    }
+
+    /// Leaves a spin-wait loop (see `spin_on`).
+    pub fn spin_end(&self) {
+        let t = self.current();
+        self.0.tasks.borrow_mut()[t.0 as usize].spinning = None;
     }
 
     /// Shorthand for a named yield point.
@@ -187,6 +207,7 @@ impl Core {
             name,
             state: TaskState::Runnable,
             last_point: Point::Start,
+            spinning: None,
         });
         id
     }
@@ -227,6 +248,9 @@ pub struct BudgetReport {
     pub steps: u64,
     /// Each unfinished task with the last point it yielded at and whether it is blocked.
     pub pending: Vec<(TaskId, Point, Option<WaitOn>)>,
+    /// A wait-for cycle through blocked and spin-waiting tasks, if there is one: a deadlock
+    /// in which some of the tasks burn steps instead of sleeping.
+    pub cycle: Vec<(TaskId, WaitOn)>,
 }
 
 /// How a call to [`Executor::run`] ended.
@@ -378,12 +402,17 @@ impl Executor {
                 .expect("runnable task has a future");
             let point = match fut.as_mut().poll(&mut cx) {
                 Poll::Ready(()) => {
+                    self.core.tasks.borrow_mut()[pick.0 as usize].spinning = None;
                     self.futures[pick.0 as usize] = None;
                     self.core.tasks.borrow_mut()[pick.0 as usize].state = TaskState::Done;
                     Point::Exit
                 }
                 Poll::Pending => match self.core.pending.replace(Pending::None) {
                     Pending::Yield(p) => p,
+                    Pending::Spin(p, on) => {
+                        self.core.tasks.borrow_mut()[pick.0 as usize].spinning = Some(on);
+                        p
+                    }
                     Pending::Block(w) => {
                         self.core.tasks.borrow_mut()[pick.0 as usize].state = TaskState::Blocked(w);
                         Point::Blocked { obj: w.obj() }
@@ -431,8 +460,11 @@ impl Executor {
     }
 
     fn budget_report(&self) -> BudgetReport {
+        let ctx = self.ctx();
+        let cycle = waitgraph::any_cycle(&ctx);
         let tasks = self.core.tasks.borrow();
         BudgetReport {
+            cycle,
             steps: self.core.step.get(),
             pending: tasks
                 .iter()

@@ -17,10 +17,21 @@ pub(crate) fn blocked_tasks(cx: &Ctx) -> Vec<(TaskId, WaitOn)> {
 }
 
 fn wait_of(cx: &Ctx, t: TaskId) -> Option<WaitOn> {
-    match cx.0.tasks.borrow()[t.0 as usize].state {
+    let tasks = cx.0.tasks.borrow();
+    match tasks[t.0 as usize].state {
         TaskState::Blocked(w) => Some(w),
-        _ => None,
+        TaskState::Runnable => tasks[t.0 as usize].spinning,
+        TaskState::Done => None,
     }
+}
+
+/// The first cycle through blocked or spin-waiting tasks, in task order.
+pub(crate) fn any_cycle(cx: &Ctx) -> Vec<(TaskId, WaitOn)> {
+    let n = cx.0.tasks.borrow().len();
+    (0..n as u32)
+        .map(TaskId)
+        .find_map(|t| find_cycle(cx, t))
+        .unwrap_or_default()
 }
 
 /// A cycle through `start` in which every task is blocked on a holder of its object, found by

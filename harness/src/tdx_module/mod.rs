@@ -413,10 +413,8 @@ impl ModuleState {
             g.take(&mut self.locks, LockKey::OpState(tdr))?;
         }
         if !op_state_allows(leaf, op) {
-            return Err(SeamErr::with(
-                Code::OpStateIncorrect,
-                Operand::Detail(op as u32),
-            ));
+            // 1666adc returns the bare code (another stored helpers.c adds the op state).
+            return Err(SeamErr::code(Code::OpStateIncorrect));
         }
         Ok(())
     }

@@ -4,7 +4,7 @@
 use crate::addr::{Gfn, Gpa, Pfn, PgLevel};
 use crate::host::{AllocFor, CacheKey, KernelUse, LeakReason};
 use crate::ids::Hkid;
-use crate::sched::Ctx;
+use crate::sched::{Ctx, Point, WaitOn};
 use crate::tdx_module::{Code, EnterOutcome, GuestExit, Lp, SeamErr, SeamResult, TdParams};
 
 use crate::kvm::mmu::fault::RetPf;
@@ -566,6 +566,22 @@ impl Kvm {
             return Err(Errno::EIO);
         }
         let local_retry = private && self.policy.local_retry;
+        let r = self
+            .ept_violation_retry_loop(cx, v, gpa, private, local_retry)
+            .await;
+        cx.spin_end();
+        r
+    }
+
+    /// The local retry loop of `tdx_handle_ept_violation`.
+    async fn ept_violation_retry_loop(
+        &self,
+        cx: &Ctx,
+        v: usize,
+        gpa: Gpa,
+        private: bool,
+        local_retry: bool,
+    ) -> KvmResult<i32> {
         loop {
             let r = self
                 .kvm_mmu_page_fault(cx, v, gpa, true, false, private)
@@ -583,18 +599,22 @@ impl Kvm {
             if self.test_request(v, Request::VmDead) {
                 return Err(Errno::EIO);
             }
-            if self.policy.ept_loop_checks_invalid_slot {
-                let invalid = self
-                    .st
-                    .borrow()
-                    .memslots
-                    .lookup(gpa.gfn())
-                    .is_some_and(|s| s.invalid);
-                if invalid {
-                    return Ok(1);
-                }
+            let invalid = self
+                .st
+                .borrow()
+                .memslots
+                .lookup(gpa.gfn())
+                .is_some_and(|s| s.invalid);
+            if invalid && self.policy.ept_loop_checks_invalid_slot {
+                return Ok(1);
             }
-            cx.yield_at("tdx_handle_ept_violation:cond_resched").await;
+            let point = Point::Yield("tdx_handle_ept_violation:cond_resched");
+            if invalid {
+                // Retrying can only succeed once the memslot update (under slots_lock) is done.
+                cx.spin_on(point, WaitOn::Mutex(self.slots_lock.id())).await;
+            } else {
+                cx.yield_now(point).await;
+            }
         }
     }
 
