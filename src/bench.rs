@@ -43,3 +43,33 @@ pub fn scheduler(rounds: u32) {
     one("input-bytes", rounds, &mut InputChooser::new(&bytes));
     one("pct(d=3)", rounds, &mut Pct::new(7, 3, 1_000_000));
 }
+
+/// `tdxfuzz bench --stack`: whole-stack executions per second (decode, build the TD, run the
+/// scenario, check) over random inputs, and the scheduler steps they took.
+pub fn stack() {
+    let mut rng = SplitMix64::new(11);
+    let n = 300;
+    let mut steps: u64 = 0;
+    let mut found = 0;
+    let t = Instant::now();
+    for _ in 0..n {
+        let len = 32 + rng.below(200) as usize;
+        let data: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
+        let sc = harness::scenario::decode::decode(&data);
+        let cfg = harness::run::RunConfig::new(
+            harness::policy::Policy::UPSTREAM,
+            TraceMode::Ring(oracle::liveness::RECENT),
+        );
+        let r = oracle::check::run_scenario(&sc, &cfg);
+        steps += r.run.stack.ex.steps();
+        found += usize::from(r.violation.is_some());
+    }
+    let secs = t.elapsed().as_secs_f64();
+    println!("stack: {n} random scenarios on upstream in {secs:.2}s");
+    println!(
+        "  {:.0} execs/s, {:.0} steps/exec, {:.2}M steps/s, {found} with a violation",
+        n as f64 / secs,
+        steps as f64 / n as f64,
+        steps as f64 / secs / 1e6
+    );
+}

@@ -13,6 +13,8 @@ use harness::sched::choice::SplitMix64;
 use indicatif::{ProgressBar, ProgressStyle};
 use oracle::Violation;
 
+use harness::policy::Policy;
+
 use crate::Target;
 
 /// When a campaign ends.
@@ -22,20 +24,33 @@ pub enum Stop {
     Runs(u64),
 }
 
-fn exec(target: Target, data: &[u8]) -> Option<Violation> {
+fn exec(target: Target, policy: Policy, data: &[u8]) -> Option<Violation> {
     match target {
+        Target::Stack => oracle::targets::stack(policy, data),
+        Target::TdxModule => {
+            let bad = oracle::targets::tdx_module(data);
+            (!bad.is_empty()).then(|| oracle::targets::module_violation(&bad))
+        }
         Target::Scheduler => oracle::targets::scheduler(data),
     }
 }
 
 fn target_name(target: Target) -> &'static str {
     match target {
+        Target::Stack => "stack",
+        Target::TdxModule => "tdx_module",
         Target::Scheduler => "scheduler",
     }
 }
 
 /// Runs the campaign; returns the number of distinct findings.
-pub fn run(target: Target, stop: Stop, seed: u64, artifacts: &Path) -> Result<usize> {
+pub fn run(
+    target: Target,
+    policy: Policy,
+    stop: Stop,
+    seed: u64,
+    artifacts: &Path,
+) -> Result<usize> {
     let dir = artifacts.join(target_name(target));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let bar = ProgressBar::new_spinner();
@@ -62,7 +77,7 @@ pub fn run(target: Target, stop: Stop, seed: u64, artifacts: &Path) -> Result<us
         let len = rng.below(256) as usize;
         buf.extend((0..len).map(|_| rng.next_u64() as u8));
         execs += 1;
-        if let Some(v) = exec(target, &buf) {
+        if let Some(v) = exec(target, policy, &buf) {
             if buckets.add(&v, &buf) {
                 let base = dir.join(v.signature_hash());
                 fs::write(base.with_extension("bin"), &buf)?;
@@ -70,11 +85,12 @@ pub fn run(target: Target, stop: Stop, seed: u64, artifacts: &Path) -> Result<us
                 bar.println(format!("new: {}", v.signature()));
             }
         }
-        if execs.is_multiple_of(1024) {
+        if execs.is_multiple_of(64) {
             let secs = start.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!(
-                "{} | execs {execs} ({:.0}/s) | distinct findings {}",
+                "{} [{}] | execs {execs} ({:.0}/s) | distinct findings {}",
                 target_name(target),
+                policy.name,
                 execs as f64 / secs,
                 buckets.len()
             ));

@@ -2,11 +2,17 @@
 
 mod bench;
 mod campaign;
+mod load;
+mod matrix;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{anyhow, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use harness::policy::Policy;
+use harness::run::RunConfig;
+use harness::sched::TraceMode;
 
 #[derive(Parser)]
 #[command(
@@ -22,23 +28,45 @@ struct Cli {
 /// What a campaign fuzzes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Target {
+    /// The whole stack: scenarios (guest, VMM, KVM, TDX module) under fuzzed interleavings.
+    Stack,
+    /// The TDX module alone: SEAMCALL/TDCALL programs against module invariants.
+    TdxModule,
     /// Lock programs over the scheduler's primitives (the scheduler's own self-test).
     Scheduler,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Lists the policies with the invariant each is expected to break.
+    Policies,
+    /// Replays scenario files (text or raw fuzz input). Exit 0 clean, 1 violation, 2 bad input.
+    Run {
+        files: Vec<PathBuf>,
+        #[arg(long, default_value = "upstream")]
+        policy: String,
+        /// Print the interleaving as a timeline.
+        #[arg(long)]
+        trace: bool,
+    },
+    /// Replays the regression corpus under every policy and prints the policy x scenario table.
+    Matrix {
+        #[arg(long, default_value = "corpus/regressions")]
+        dir: PathBuf,
+    },
     /// Runs a fuzzing campaign with a live status line; findings go to artifacts/.
     Fuzz {
-        #[arg(long, value_enum, default_value = "scheduler")]
+        #[arg(long, value_enum, default_value = "stack")]
         target: Target,
+        #[arg(long, default_value = "upstream")]
+        policy: String,
         /// Stop after this many seconds.
         #[arg(long, conflicts_with = "runs")]
         seconds: Option<u64>,
         /// Stop after this many inputs.
         #[arg(long)]
         runs: Option<u64>,
-        /// Seed of the input generator (the campaign is reproducible for a given seed and runs).
+        /// Seed of the input generator (a campaign with --runs is reproducible from its seed).
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Where findings are written.
@@ -53,18 +81,52 @@ enum Cmd {
         /// Rounds per task of the scheduler workload.
         #[arg(long, default_value_t = 200_000)]
         rounds: u32,
+        /// Whole-stack executions per second on random scenarios.
+        #[arg(long)]
+        stack: bool,
     },
 }
 
-fn main() -> Result<()> {
+fn policy(name: &str) -> Result<Policy> {
+    Policy::by_name(name).ok_or_else(|| anyhow!("unknown policy `{name}` (see `tdxfuzz policies`)"))
+}
+
+fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
+    match real_main() {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn real_main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Policies => {
+            println!("{:<34} expected invariant broken", "policy");
+            for (p, expect) in Policy::ALL {
+                println!("{:<34} {expect}", p.name);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Run {
+            files,
+            policy: p,
+            trace,
+        } => run_files(&files, policy(&p)?, trace),
+        Cmd::Matrix { dir } => {
+            print!("{}", matrix::render(&dir)?);
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Fuzz {
             target,
+            policy: p,
             seconds,
             runs,
             seed,
@@ -75,20 +137,71 @@ fn main() -> Result<()> {
                 (Some(s), None) => campaign::Stop::Seconds(s),
                 (None, None) => campaign::Stop::Seconds(60),
             };
-            let found = campaign::run(target, stop, seed, &artifacts)?;
+            let found = campaign::run(target, policy(&p)?, stop, seed, &artifacts)?;
             // Findings are the product of a campaign, not a failure of the command.
             println!(
                 "{found} distinct finding(s); reports in {}",
                 artifacts.display()
             );
-            Ok(())
+            Ok(ExitCode::SUCCESS)
         }
-        Cmd::Bench { scheduler, rounds } => {
-            if !scheduler {
-                anyhow::bail!("nothing to benchmark: pass --scheduler");
+        Cmd::Bench {
+            scheduler,
+            rounds,
+            stack,
+        } => {
+            if !scheduler && !stack {
+                return Err(anyhow!(
+                    "nothing to benchmark: pass --scheduler and/or --stack"
+                ));
             }
-            bench::scheduler(rounds);
-            Ok(())
+            if scheduler {
+                bench::scheduler(rounds);
+            }
+            if stack {
+                bench::stack();
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// `tdxfuzz run`: 0 clean, 1 violation (first line `violation: KIND SIGNATURE`), 2 bad input.
+fn run_files(files: &[PathBuf], policy: Policy, trace: bool) -> Result<ExitCode> {
+    if files.is_empty() {
+        return Err(anyhow!("no scenario files given"));
+    }
+    let mut code = 0u8;
+    for f in files {
+        let sc = match load::load(f)? {
+            load::Loaded::Ok(s) => s,
+            load::Loaded::Bad(msg) => {
+                eprintln!("error: {msg}");
+                code = 2;
+                continue;
+            }
+        };
+        let mode = if trace {
+            TraceMode::Full
+        } else {
+            TraceMode::Ring(64)
+        };
+        let report = oracle::check::run_scenario(&sc, &RunConfig::new(policy, mode));
+        match &report.violation {
+            Some(v) => {
+                print!("{v}");
+                code = code.max(1);
+            }
+            None => println!(
+                "clean: {} ({} steps, policy {})",
+                f.display(),
+                report.run.stack.ex.steps(),
+                policy.name
+            ),
+        }
+        if trace {
+            print!("{}", report.run.stack.ex.render_trace());
+        }
+    }
+    Ok(ExitCode::from(code))
 }

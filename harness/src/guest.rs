@@ -56,7 +56,8 @@ pub enum Observation {
 pub struct GuestProgram {
     pub ops: Vec<GuestOp>,
     pub pc: usize,
-    pub seen: Vec<Observation>,
+    /// Observations with the step they happened at.
+    pub seen: Vec<(u64, Observation)>,
     /// Set by the fault path for KVM_RUN to report (KVM_EXIT_MEMORY_FAULT).
     pub memory_fault: Option<MemoryFaultExit>,
     /// A MapGPA request waiting for userspace.
@@ -157,7 +158,7 @@ pub async fn run_guest(kvm: &Kvm, cx: &Ctx, v: usize, tdvpr: Pfn) -> TdExit {
             Step::Next(obs) => {
                 let mut st = kvm.st.borrow_mut();
                 let g = &mut st.vcpus[v].guest;
-                g.seen.push(obs);
+                g.seen.push((cx.step(), obs));
                 g.pc += 1;
                 g.busy_retries = 0;
             }

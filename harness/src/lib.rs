@@ -8,6 +8,8 @@ pub mod host;
 pub mod ids;
 pub mod kvm;
 pub mod policy;
+pub mod run;
+pub mod scenario;
 pub mod sched;
 pub mod stack;
 pub mod tdx_module;

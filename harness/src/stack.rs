@@ -60,6 +60,13 @@ impl Stack {
     /// GUEST_PAGES pages bound to guest_memfd 0: KVM_TDX_INIT_VM, KVM_CREATE_VCPU +
     /// KVM_TDX_INIT_VCPU each, the memslot, attributes private, KVM_TDX_FINALIZE_VM.
     pub fn build_runnable(&mut self, nvcpus: u8) {
+        self.build_with(nvcpus, &[]);
+    }
+
+    /// `build_runnable` plus, before finalize, KVM_TDX_INIT_MEM_REGION (measured PAGE.ADD) of
+    /// each `(gfn, content)` page through vCPU 0.
+    pub fn build_with(&mut self, nvcpus: u8, init_pages: &[(Gfn, u64)]) {
+        let init = init_pages.to_vec();
         self.run_setup(move |cx, kvm| async move {
             kvm.tdx_td_init(&cx, Hkid(32), 4)
                 .await
@@ -85,6 +92,11 @@ impl Stack {
             kvm.set_memory_attributes(&cx, Gfn::new(0), Gfn::new(GUEST_PAGES), true)
                 .await
                 .expect("attributes");
+            for (gfn, v) in init {
+                kvm.tdx_vcpu_init_mem_region(&cx, 0, gfn.gpa(), v, 1, true)
+                    .await
+                    .expect("KVM_TDX_INIT_MEM_REGION");
+            }
             kvm.tdx_td_finalize(&cx).await.expect("KVM_TDX_FINALIZE_VM");
         });
     }

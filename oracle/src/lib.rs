@@ -4,9 +4,14 @@
 //! [`Violation`]s with a stable signature so that findings dedupe across inputs.
 #![forbid(unsafe_code)]
 
+pub mod check;
+pub mod guest_memory;
 pub mod liveness;
 pub mod module_invariants;
+pub mod must_not_fail;
+pub mod ownership;
 pub mod sept_sync;
+pub mod state_machine;
 pub mod targets;
 pub mod violation;
 

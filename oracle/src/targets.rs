@@ -114,3 +114,23 @@ mod module_tests {
         }
     }
 }
+
+/// A module-target finding as a violation (for the campaign's buckets).
+pub fn module_violation(bad: &[String]) -> Violation {
+    Violation {
+        kind: crate::ViolationKind::StateMachine,
+        location: "TDX module invariants",
+        key: crate::check::stable(&bad[0]),
+        detail: bad.join("; "),
+        step: 0,
+        tasks: Vec::new(),
+        recent: Vec::new(),
+    }
+}
+
+/// The whole stack: bytes -> scenario -> run under `policy` -> first violation.
+pub fn stack(policy: harness::policy::Policy, data: &[u8]) -> Option<Violation> {
+    let sc = harness::scenario::decode::decode(data);
+    let cfg = harness::run::RunConfig::new(policy, TraceMode::Ring(crate::liveness::RECENT));
+    crate::check::run_scenario(&sc, &cfg).violation
+}

@@ -89,7 +89,12 @@ fn seed_003_upstream_freezes_and_both_vcpus_finish() {
         .count();
     assert!(faults >= 2, "vCPU 2 faulted {faults} times");
     for v in [1, 2] {
-        let seen = s.kvm.st.borrow().vcpus[v].guest.seen.clone();
+        let seen: Vec<Observation> = s.kvm.st.borrow().vcpus[v]
+            .guest
+            .seen
+            .iter()
+            .map(|(_, o)| *o)
+            .collect();
         assert!(
             matches!(
                 seen[..],

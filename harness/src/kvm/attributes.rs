@@ -76,11 +76,24 @@ impl Kvm {
         if intersects {
             self.mmu_lock.write(cx).await;
             self.mmu_invalidate_begin(start, end);
-            self.kvm_tdp_mmu_unmap_gfn_range(cx, start, end, !private, private)
-                .await;
+            if !self.st.borrow().injected.skip_convert_zap {
+                self.kvm_tdp_mmu_unmap_gfn_range(cx, start, end, !private, private)
+                    .await;
+            }
             self.mmu_lock.write_unlock(cx).await;
         }
-        self.st.borrow_mut().attributes.set(start, end, private);
+        {
+            let mut st = self.st.borrow_mut();
+            st.attributes.set(start, end, private);
+            st.mem_log.push((
+                cx.step(),
+                super::MemEvent::Converted {
+                    start,
+                    end,
+                    private,
+                },
+            ));
+        }
         if intersects {
             self.mmu_lock.write(cx).await;
             self.mmu_invalidate_end();

@@ -1,13 +1,16 @@
 //! guest_memfd files (virt/kvm/guest_memfd.c): the private pages, allocated on first fault and
-//! zeroed when prepared; punch-hole frees them after the mappings are zapped.
+//! zeroed when prepared; punch-hole frees them after the mappings are zapped; the last close of
+//! the file zaps every mapping and the inode's eviction frees the pages.
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::addr::Pfn;
+use crate::addr::{Gfn, Pfn};
 use crate::host::{AllocFor, Host};
-use crate::ids::{GmemId, PgOff};
+use crate::ids::{GmemId, PgOff, SlotId};
+use crate::sched::{Ctx, Mutex};
 
-use super::{Errno, KvmResult};
+use super::teardown::TeardownState;
+use super::{Errno, KvmResult, MemEvent};
 
 /// One file's page cache.
 #[derive(Clone, Debug, Default)]
@@ -16,19 +19,30 @@ pub struct Gmem {
     pub pages: BTreeMap<PgOff, Pfn>,
     /// Folios marked uptodate ("prepared").
     pub prepared: BTreeSet<PgOff>,
+    /// The inode's `filemap_invalidate_lock` (created on first use: it needs the scheduler).
+    pub invalidate_lock: Option<Mutex>,
+    /// The last reference to the file was put (`kvm_gmem_release` ran): no new faults, binds
+    /// or punch-holes reach it.
+    pub closed: bool,
 }
 
 /// Every guest_memfd file of the VM.
 #[derive(Clone, Debug, Default)]
 pub struct GuestMemfds {
     pub files: BTreeMap<GmemId, Gmem>,
+    /// VM teardown state (`kvm_destroy_vm` and the TDX teardown hooks). It lives here because
+    /// guest_memfd's release is where teardown starts; see `kvm::teardown`.
+    pub teardown: TeardownState,
 }
 
 impl GuestMemfds {
     /// `kvm_gmem_get_pfn` without the binding checks the caller does: the page at `index`,
-    /// allocated (and prepared: zeroed) if absent.
+    /// allocated (and prepared: zeroed) if absent. A closed file gives -EFAULT.
     pub fn get_pfn(&mut self, host: &mut Host, file: GmemId, index: PgOff) -> KvmResult<Pfn> {
         let f = self.files.get_mut(&file).ok_or(Errno::EFAULT)?;
+        if f.closed {
+            return Err(Errno::EFAULT);
+        }
         if index.0 >= f.npages {
             return Err(Errno::EIO);
         }
@@ -44,6 +58,14 @@ impl GuestMemfds {
         f.prepared.insert(index);
         Ok(p)
     }
+}
+
+/// One memslot binding of a file clipped to a page-offset range: the slot and the gfns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Binding {
+    pub slot: SlotId,
+    pub start: Gfn,
+    pub end: Gfn,
 }
 
 use super::Kvm;
@@ -70,5 +92,172 @@ impl Kvm {
             .iter()
             .map(|(o, p)| (*o, *p))
             .collect()
+    }
+
+    /// `filemap_invalidate_lock(inode->i_mapping)` of `file`: the inode's invalidate lock
+    /// (made on first use), or None for a file that does not exist.
+    pub fn gmem_invalidate_lock(&self, cx: &Ctx, file: GmemId) -> Option<Mutex> {
+        let mut st = self.st.borrow_mut();
+        let f = st.gmem.files.get_mut(&file)?;
+        Some(
+            *f.invalidate_lock
+                .get_or_insert_with(|| Mutex::new(cx, "filemap_invalidate_lock")),
+        )
+    }
+
+    /// The file's memslot bindings overlapping pgoffs `[start, end)` (`gmem->bindings`), each
+    /// clipped to the range and translated to gfns, in slot order.
+    pub fn gmem_bindings(&self, file: GmemId, start: PgOff, end: PgOff) -> Vec<Binding> {
+        let st = self.st.borrow();
+        st.memslots
+            .slots
+            .iter()
+            .filter_map(|s| {
+                let (f, off) = s.gmem?;
+                if f != file {
+                    return None;
+                }
+                let lo = start.0.max(off.0);
+                let hi = end.0.min(off.0 + s.npages);
+                (lo < hi).then(|| Binding {
+                    slot: s.id,
+                    start: s.base_gfn.add(lo - off.0),
+                    end: s.base_gfn.add(hi - off.0),
+                })
+            })
+            .collect()
+    }
+
+    /// `__kvm_gmem_invalidate_begin` (filemap invalidate lock held): for the bindings, take
+    /// mmu_lock for write once, `kvm_mmu_invalidate_begin` with every binding's range added,
+    /// and unmap each range from the private (mirror) roots, which removes the pages from the
+    /// S-EPT through the removal hook. Returns whether any binding was found.
+    pub async fn kvm_gmem_invalidate_begin(&self, cx: &Ctx, bindings: &[Binding]) -> bool {
+        let (Some(lo), Some(hi)) = (
+            bindings.iter().map(|b| b.start).min(),
+            bindings.iter().map(|b| b.end).max(),
+        ) else {
+            return false;
+        };
+        self.mmu_lock.write(cx).await;
+        // kvm_mmu_invalidate_begin + kvm_mmu_invalidate_range_add of each binding: the range
+        // grows to the union, which is what one begin over [lo, hi) records.
+        self.mmu_invalidate_begin(lo, hi);
+        for b in bindings {
+            // attr_filter PRIVATE (the file was not created INIT_SHARED): mirror roots only.
+            self.kvm_tdp_mmu_unmap_gfn_range(cx, b.start, b.end, true, false)
+                .await;
+        }
+        // No remote TLB flush here: for private mappings the removal hook's TRACK and kick
+        // are the flush.
+        self.mmu_lock.write_unlock(cx).await;
+        true
+    }
+
+    /// `__kvm_gmem_invalidate_end`: if a binding overlapped, `kvm_mmu_invalidate_end` under
+    /// mmu_lock for write.
+    pub async fn kvm_gmem_invalidate_end(&self, cx: &Ctx, found: bool) {
+        if !found {
+            return;
+        }
+        self.mmu_lock.write(cx).await;
+        self.mmu_invalidate_end();
+        self.mmu_lock.write_unlock(cx).await;
+    }
+
+    /// `truncate_inode_pages_range` on a guest_memfd inode: every page of `[start, end)` leaves
+    /// the page cache and goes back to the allocator. The ledger refuses a page that is still
+    /// TD-private or held by the TDX module (a removal that failed): that is recorded.
+    fn gmem_truncate(&self, cx: &Ctx, file: GmemId, start: PgOff, end: PgOff) {
+        let pages: Vec<Pfn> = {
+            let mut st = self.st.borrow_mut();
+            let Some(f) = st.gmem.files.get_mut(&file) else {
+                return;
+            };
+            let offs: Vec<PgOff> = f.pages.range(start..end).map(|(o, _)| *o).collect();
+            offs.iter()
+                .map(|o| {
+                    f.prepared.remove(o);
+                    f.pages.remove(o).expect("page in range")
+                })
+                .collect()
+        };
+        let mut h = self.host.borrow_mut();
+        for p in pages {
+            let r = h.ledger.free(p);
+            h.record(cx.step(), r);
+        }
+    }
+
+    /// fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) on a guest_memfd
+    /// (`kvm_gmem_punch_hole`): under the inode's invalidate lock, zap every mapping of the
+    /// range (S-EPT removal included), free its pages, end the invalidation.
+    pub async fn kvm_gmem_punch_hole(
+        &self,
+        cx: &Ctx,
+        file: GmemId,
+        start: PgOff,
+        npages: u64,
+    ) -> KvmResult<()> {
+        let Some(lock) = self.gmem_invalidate_lock(cx, file) else {
+            return Err(Errno::EINVAL);
+        };
+        if self.st.borrow().gmem.files[&file].closed {
+            // No file descriptor is left to fallocate on.
+            return Err(Errno::EINVAL);
+        }
+        let end = PgOff(start.0.saturating_add(npages));
+        lock.lock(cx).await;
+        let bindings = self.gmem_bindings(file, start, end);
+        let found = self.kvm_gmem_invalidate_begin(cx, &bindings).await;
+        self.gmem_truncate(cx, file, start, end);
+        {
+            let mut st = self.st.borrow_mut();
+            for b in &bindings {
+                st.mem_log.push((
+                    cx.step(),
+                    MemEvent::PunchedHole {
+                        start: b.start,
+                        end: b.end,
+                    },
+                ));
+            }
+        }
+        cx.yield_at("truncate_inode_pages_range").await;
+        self.kvm_gmem_invalidate_end(cx, found).await;
+        lock.unlock(cx).await;
+        Ok(())
+    }
+
+    /// `kvm_gmem_release` (the last fput of the file): under slots_lock and the invalidate
+    /// lock, NULL every binding's `slot->gmem.file` and zap everything the file maps; then the
+    /// inode is evicted (`kvm_gmem_evict_inode` -> `truncate_inode_pages_final`), which frees
+    /// its pages.
+    pub async fn kvm_gmem_release(&self, cx: &Ctx, file: GmemId) {
+        let Some(lock) = self.gmem_invalidate_lock(cx, file) else {
+            return;
+        };
+        if self.st.borrow().gmem.files[&file].closed {
+            return;
+        }
+        self.slots_lock.lock(cx).await;
+        lock.lock(cx).await;
+        let all = PgOff(u64::MAX);
+        let bindings = self.gmem_bindings(file, PgOff(0), all);
+        {
+            let mut st = self.st.borrow_mut();
+            for s in st.memslots.slots.iter_mut() {
+                if s.gmem.is_some_and(|(f, _)| f == file) {
+                    s.gmem = None;
+                }
+            }
+            st.gmem.files.get_mut(&file).expect("file").closed = true;
+        }
+        let found = self.kvm_gmem_invalidate_begin(cx, &bindings).await;
+        self.kvm_gmem_invalidate_end(cx, found).await;
+        lock.unlock(cx).await;
+        self.slots_lock.unlock(cx).await;
+        // iput of the inode: the page cache goes.
+        self.gmem_truncate(cx, file, PgOff(0), all);
     }
 }

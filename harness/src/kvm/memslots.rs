@@ -169,7 +169,15 @@ impl Kvm {
                 .iter()
                 .position(|s| s.id == id)
                 .expect("slot");
-            st.memslots.slots.remove(i)
+            let slot = st.memslots.slots.remove(i);
+            st.mem_log.push((
+                cx.step(),
+                super::MemEvent::SlotDeleted {
+                    start: slot.base_gfn,
+                    end: slot.end(),
+                },
+            ));
+            slot
         };
         self.swap_active_memslots(cx).await;
         // kvm_free_memslot: userspace memory stays the VMM's; the model returns it here.

@@ -13,6 +13,7 @@ pub mod guest_memfd;
 pub mod memslots;
 pub mod mmu;
 pub mod requests;
+pub mod teardown;
 pub mod vmx;
 pub mod x86;
 
@@ -99,6 +100,24 @@ pub struct BugReport {
     pub fatal: bool,
 }
 
+/// Guest-visible memory events in the order they happen (for the guest-memory oracle).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemEvent {
+    /// KVM_SET_MEMORY_ATTRIBUTES stored new attributes for `[start, end)`.
+    Converted { start: Gfn, end: Gfn, private: bool },
+    /// guest_memfd pages of `[start, end)` were punched out.
+    PunchedHole { start: Gfn, end: Gfn },
+    /// The memslot over `[start, end)` is gone.
+    SlotDeleted { start: Gfn, end: Gfn },
+}
+
+/// Faults the scenario can inject into KVM (each models a kernel bug, for oracle tests).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvmInjected {
+    /// KVM_SET_MEMORY_ATTRIBUTES skips zapping the old mappings.
+    pub skip_convert_zap: bool,
+}
+
 /// One vCPU (`struct kvm_vcpu` + `struct vcpu_tdx`).
 #[derive(Clone, Debug)]
 pub struct Vcpu {
@@ -120,6 +139,9 @@ pub struct Vcpu {
     /// The SRCU read section KVM_RUN holds outside guest mode.
     pub srcu: Option<SrcuIdx>,
     pub guest: GuestProgram,
+    /// `vcpu->mutex`: held by vCPU ioctls (KVM_PRE_FAULT_MEMORY) and, for every vCPU, by the
+    /// TDX VM-state guard (`kvm_lock_all_vcpus`).
+    pub mutex: Mutex,
 }
 
 /// Everything KVM keeps for the VM.
@@ -132,9 +154,15 @@ pub struct KvmState {
     pub invalidate: MmuInvalidate,
     pub tdx: KvmTdx,
     pub vcpus: Vec<Vcpu>,
+    /// `kvm->created_vcpus` (under kvm->lock): counts vCPUs from the start of KVM_CREATE_VCPU,
+    /// before they are online in `vcpus`.
+    pub created_vcpus: u32,
     pub bugged: bool,
     pub dead: bool,
     pub bugs: Vec<BugReport>,
+    /// Guest-visible memory events with their steps.
+    pub mem_log: Vec<(u64, MemEvent)>,
+    pub injected: KvmInjected,
 }
 
 /// The VM.
@@ -151,6 +179,11 @@ pub struct Kvm {
     pub srcu: Srcu,
     /// IPI acknowledgements of `kvm_make_all_cpus_request` with KVM_REQUEST_WAIT.
     pub ipi_ack: WaitQueue,
+    /// `kvm->lock`: outermost lock of the TDX VM-state guard, and of KVM_CREATE_VCPU's
+    /// bookkeeping. Order: kvm->lock, then every vcpu->mutex, then slots_lock.
+    pub lock: Mutex,
+    /// The scheduler, to register each vCPU's `vcpu->mutex` at KVM_CREATE_VCPU (`mutex_init`).
+    sched: Ctx,
 }
 
 impl Kvm {
@@ -174,9 +207,12 @@ impl Kvm {
                     pre_fault_allowed: false,
                 },
                 vcpus: Vec::new(),
+                created_vcpus: 0,
                 bugged: false,
                 dead: false,
                 bugs: Vec::new(),
+                mem_log: Vec::new(),
+                injected: KvmInjected::default(),
             }),
             module,
             host,
@@ -185,6 +221,8 @@ impl Kvm {
             slots_lock: Mutex::new(cx, "slots_lock"),
             srcu: Srcu::new(cx, "kvm->srcu"),
             ipi_ack: WaitQueue::new(cx, "ipi_ack"),
+            lock: Mutex::new(cx, "kvm->lock"),
+            sched: cx.clone(),
         })
     }
 
@@ -238,13 +276,57 @@ impl Kvm {
         self.st.borrow().dead
     }
 
-    /// KVM_CREATE_VCPU (`kvm_vm_ioctl_create_vcpu` + `tdx_vcpu_create`): refused unless the TD
-    /// is INITIALIZED (-EIO). Its thread runs on `lp`.
+    /// KVM_CREATE_VCPU (`kvm_vm_ioctl_create_vcpu` + `tdx_vcpu_create`) with no preemption
+    /// point: refused unless the TD is INITIALIZED (-EIO). Its thread runs on `lp`.
     pub fn create_vcpu(&self, lp: Lp, guest: GuestProgram) -> KvmResult<usize> {
-        let mut st = self.st.borrow_mut();
-        if st.tdx.state != TdState::Initialized {
+        self.st.borrow_mut().created_vcpus += 1;
+        if let Err(e) = self.tdx_vcpu_create() {
+            self.st.borrow_mut().created_vcpus -= 1;
+            return Err(e);
+        }
+        Ok(self.vcpu_online(lp, guest))
+    }
+
+    /// KVM_CREATE_VCPU (`kvm_vm_ioctl_create_vcpu`) with the kernel's preemption points:
+    /// `kvm->created_vcpus++` under kvm->lock, then `kvm_arch_vcpu_create` (-> `tdx_vcpu_create`,
+    /// -EIO unless the TD is INITIALIZED) outside it, then online under kvm->lock again; a
+    /// failure drops the count under kvm->lock. KVM_TDX_INIT_VM in the window sees the count
+    /// (-EBUSY).
+    pub async fn kvm_vm_ioctl_create_vcpu(
+        &self,
+        cx: &Ctx,
+        lp: Lp,
+        guest: GuestProgram,
+    ) -> KvmResult<usize> {
+        self.lock.lock(cx).await;
+        self.st.borrow_mut().created_vcpus += 1;
+        self.lock.unlock(cx).await;
+        cx.yield_at("kvm_arch_vcpu_create").await;
+        if let Err(e) = self.tdx_vcpu_create() {
+            self.lock.lock(cx).await;
+            self.st.borrow_mut().created_vcpus -= 1;
+            self.lock.unlock(cx).await;
+            return Err(e);
+        }
+        self.lock.lock(cx).await;
+        let idx = self.vcpu_online(lp, guest);
+        self.lock.unlock(cx).await;
+        Ok(idx)
+    }
+
+    /// `tdx_vcpu_create`: no vCPU before KVM_TDX_INIT_VM or after KVM_TDX_FINALIZE_VM (-EIO).
+    fn tdx_vcpu_create(&self) -> KvmResult<()> {
+        if self.st.borrow().tdx.state != TdState::Initialized {
             return Err(Errno::EIO);
         }
+        Ok(())
+    }
+
+    /// The end of `kvm_vm_ioctl_create_vcpu`: the vCPU (with its `vcpu->mutex`, UNINITIALIZED
+    /// for TDX) goes online.
+    fn vcpu_online(&self, lp: Lp, guest: GuestProgram) -> usize {
+        let mutex = Mutex::new(&self.sched, "vcpu->mutex");
+        let mut st = self.st.borrow_mut();
         let idx = st.vcpus.len();
         st.vcpus.push(Vcpu {
             idx: VcpuIdx(idx as u32),
@@ -260,8 +342,9 @@ impl Kvm {
             pending_event: false,
             srcu: None,
             guest,
+            mutex,
         });
-        Ok(idx)
+        idx
     }
 
     /// Replaces a vCPU's guest program (the scenario loads the next program).

@@ -25,10 +25,15 @@ pub enum RunExit {
 
 impl Kvm {
     /// `kvm_arch_vcpu_ioctl_run` -> `vcpu_run`: loop entering the guest until an exit needs
-    /// userspace; runs inside `kvm->srcu` except while the guest runs.
+    /// userspace; runs inside `kvm->srcu` except while the guest runs. Refused with -EIO on a
+    /// dead VM (`kvm_vcpu_ioctl`), and with -EINVAL until both the TD is RUNNABLE and the vCPU
+    /// INITIALIZED (`tdx_vcpu_needs_initialization`).
     pub async fn kvm_run(&self, cx: &Ctx, v: usize) -> KvmResult<RunExit> {
         {
             let st = self.st.borrow();
+            if st.dead {
+                return Err(Errno::EIO);
+            }
             if st.tdx.state != TdState::Runnable || !st.vcpus[v].initialized {
                 return Err(Errno::EINVAL);
             }
@@ -110,9 +115,19 @@ impl Kvm {
         self.tdx_handle_exit(cx, v, exit).await
     }
 
-    /// `kvm_mmu_reload` -> `kvm_mmu_load`: allocate the mirror root if missing and a direct root
-    /// if the current one is gone.
-    pub fn kvm_mmu_reload(&self, _cx: &Ctx, v: usize) -> KvmResult<()> {
+    /// `kvm_mmu_reload` (mmu.h): process KVM_REQ_MMU_FREE_OBSOLETE_ROOTS first (since "KVM:
+    /// x86/mmu: Check and free obsolete roots in kvm_mmu_reload()", 20a6cff3), then load roots
+    /// if the vCPU has none.
+    pub fn kvm_mmu_reload(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
+        if self.check_request(v, Request::MmuFreeObsoleteRoots) {
+            self.kvm_mmu_free_obsolete_roots(cx, v);
+        }
+        self.kvm_mmu_load_roots(cx, v)
+    }
+
+    /// The `root.hpa == INVALID_PAGE` -> `kvm_mmu_load` part of `kvm_mmu_reload`: allocate the
+    /// mirror root if missing and a direct root if the current one is gone.
+    pub fn kvm_mmu_load_roots(&self, _cx: &Ctx, v: usize) -> KvmResult<()> {
         let (has_mirror, root_ok) = {
             let st = self.st.borrow();
             let vc = &st.vcpus[v];

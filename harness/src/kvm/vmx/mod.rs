@@ -1,3 +1,4 @@
 //! Vendor code: TDX.
 
+pub mod build;
 pub mod tdx;

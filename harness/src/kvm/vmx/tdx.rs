@@ -287,8 +287,10 @@ impl Kvm {
             .await;
     }
 
-    /// `tdx_sept_free_private_spt` (teardown, HKID already released): reclaim the S-EPT page,
-    /// or leak it on failure; `sp->external_spt` is cleared either way.
+    /// `tdx_sept_free_private_spt` (kvm_x86_ops.free_external_spt; only at teardown, after
+    /// the HKID is released): reclaim the S-EPT page and free it at once. HKID still assigned
+    /// is a KVM_BUG_ON and the page is leaked, as is a page RECLAIM refuses;
+    /// `sp->external_spt` is cleared either way so the MMU never frees it.
     pub(crate) async fn tdx_sept_free_private_spt(&self, cx: &Ctx, sp: SpId) {
         let page = self
             .st
@@ -309,189 +311,225 @@ impl Kvm {
             h.record(cx.step(), r);
             return;
         }
-        self.tdx_reclaim_page(cx, page).await;
+        let ok = self.tdx_reclaim_page(cx, page).await;
+        let mut h = self.host.borrow_mut();
+        let r = if ok {
+            h.ledger.free(page)
+        } else {
+            h.ledger.leak(page, LeakReason::ReclaimFailed)
+        };
+        h.record(cx.step(), r);
     }
 
-    /// `tdx_reclaim_page`: TDH.PHYMEM.PAGE.RECLAIM, then clear and free; leak on failure (a WARN,
-    /// not a VM bug: `TDX_BUG_ON` is called without the VM).
+    /// `tdx_reclaim_page`: `__tdx_reclaim_page` (TDH.PHYMEM.PAGE.RECLAIM; a failure is a WARN,
+    /// not a VM bug), then `tdx_quirk_reset_page` (clear) on success. The caller frees the page
+    /// or leaks it. Policy `no_clear_after_reclaim` skips the clear, so the free that follows
+    /// hands TD-private contents back to the kernel (the ledger refuses and records it).
     pub(crate) async fn tdx_reclaim_page(&self, cx: &Ctx, page: Pfn) -> bool {
-        match self.module.tdh_phymem_page_reclaim(cx, page).await {
-            Ok(_) => {
-                let mut h = self.host.borrow_mut();
-                if self.policy.clear_after_reclaim {
-                    let r = h.ledger.clear(page);
-                    h.record(cx.step(), r);
-                }
-                let r = h.ledger.free(page);
-                h.record(cx.step(), r);
-                true
-            }
-            Err(e) => {
-                self.warn(
-                    cx,
-                    "__tdx_reclaim_page",
-                    format!("TDH.PHYMEM.PAGE.RECLAIM {page}: {e}"),
-                );
-                let mut h = self.host.borrow_mut();
-                let r = h.ledger.leak(page, LeakReason::ReclaimFailed);
-                h.record(cx.step(), r);
-                false
-            }
+        if !self.tdx_reclaim_page_noclear(cx, page).await {
+            return false;
         }
-    }
-
-    /// `tdx_td_init` (KVM_TDX_INIT_VM) for the model's TD: HKID, TDR, MNG.CREATE, KEY.CONFIG on
-    /// each package, ADDCX for each TDCS page, MNG.INIT.
-    pub async fn tdx_td_init(&self, cx: &Ctx, hkid: Hkid, max_vcpus: u32) -> KvmResult<()> {
-        if self.st.borrow().tdx.state != TdState::Uninitialized {
-            return Err(Errno::EINVAL);
-        }
-        if !self.st.borrow().vcpus.is_empty() {
-            return Err(Errno::EBUSY);
-        }
-        let (packages, ntdcs) = {
-            let s = self.module.state();
-            (s.config.packages, s.config.tdcs_pages)
-        };
-        let alloc = |u| {
-            self.host
-                .borrow_mut()
-                .ledger
-                .alloc(AllocFor::Kernel(u))
-                .map_err(|_| Errno::ENOMEM)
-        };
-        let tdr = alloc(KernelUse::Tdr)?;
-        let m = &self.module;
-        match m.tdh_mng_create(cx, tdr, hkid).await {
-            Ok(_) => {}
-            Err(e) => {
-                let mut h = self.host.borrow_mut();
-                let r = h.ledger.free(tdr);
-                h.record(cx.step(), r);
-                if e.status.code == Code::RndNoEntropy {
-                    return Err(Errno::EAGAIN);
-                }
-                self.warn(cx, "__tdx_td_init", format!("TDH.MNG.CREATE: {e}"));
-                return Err(Errno::EIO);
-            }
-        }
-        {
-            let mut st = self.st.borrow_mut();
-            st.tdx.hkid = Some(hkid);
-            st.tdx.tdr = Some(tdr);
-        }
-        for pkg in 0..packages {
-            if let Err(e) = m.tdh_mng_key_config(cx, Lp(pkg), tdr).await {
-                self.bug(cx, "__tdx_td_init", format!("TDH.MNG.KEY.CONFIG: {e}"));
-                return Err(Errno::EIO);
-            }
-        }
-        for _ in 0..ntdcs {
-            let p = alloc(KernelUse::Tdcs)?;
-            if let Err(e) = m.tdh_mng_addcx(cx, tdr, p).await {
-                let mut h = self.host.borrow_mut();
-                let r = h.ledger.free(p);
-                h.record(cx.step(), r);
-                if e.status.code == Code::RndNoEntropy {
-                    return Err(Errno::EAGAIN);
-                }
-                drop(h);
-                self.bug(cx, "__tdx_td_init", format!("TDH.MNG.ADDCX: {e}"));
-                return Err(Errno::EIO);
-            }
-            self.st.borrow_mut().tdx.tdcs.push(p);
-        }
-        if let Err(e) = m.tdh_mng_init(cx, tdr, TdParams { max_vcpus }).await {
-            if e.status.code == Code::OperandInvalid {
-                return Err(Errno::EINVAL);
-            }
-            self.bug(cx, "__tdx_td_init", format!("TDH.MNG.INIT: {e}"));
-            return Err(Errno::EIO);
-        }
-        self.st.borrow_mut().tdx.state = TdState::Initialized;
-        Ok(())
-    }
-
-    /// `tdx_vcpu_create` + `tdx_td_vcpu_init` (KVM_CREATE_VCPU + KVM_TDX_INIT_VCPU) of vCPU `v`.
-    pub async fn tdx_td_vcpu_init(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
-        if self.st.borrow().tdx.state != TdState::Initialized {
-            return Err(Errno::EINVAL);
-        }
-        if self.st.borrow().vcpus[v].initialized {
-            return Err(Errno::EINVAL);
-        }
-        let (lp, tdr, n) = {
-            let st = self.st.borrow();
-            (
-                st.vcpus[v].lp,
-                st.tdx.tdr.expect("tdr"),
-                self.module.state().config.tdvps_pages,
-            )
-        };
-        let alloc = |u| {
-            self.host
-                .borrow_mut()
-                .ledger
-                .alloc(AllocFor::Kernel(u))
-                .map_err(|_| Errno::ENOMEM)
-        };
-        let tdvpr = alloc(KernelUse::Tdvpr)?;
-        let m = &self.module;
-        if let Err(e) = m.tdh_vp_create(cx, tdr, tdvpr).await {
+        if self.policy.clear_after_reclaim {
             let mut h = self.host.borrow_mut();
-            let r = h.ledger.free(tdvpr);
+            let r = h.ledger.clear(page);
             h.record(cx.step(), r);
-            drop(h);
-            self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.CREATE: {e}"));
-            return Err(Errno::EIO);
+            h.write(page, 0);
         }
-        self.st.borrow_mut().vcpus[v].tdvpr = Some(tdvpr);
-        for _ in 1..n {
-            let p = alloc(KernelUse::Tdcx)?;
-            if let Err(e) = m.tdh_vp_addcx(cx, tdvpr, p).await {
-                let mut h = self.host.borrow_mut();
-                let r = h.ledger.free(p);
-                h.record(cx.step(), r);
-                drop(h);
-                self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.ADDCX: {e}"));
-                return Err(Errno::EIO);
-            }
-            self.st.borrow_mut().vcpus[v].tdcx.push(p);
-        }
-        // VP.INIT may take the TDR exclusively inside the module: it runs under mmu_lock for
-        // write so that it cannot make a must-not-fail zap see BUSY.
-        self.mmu_lock.write(cx).await;
-        let r = m.tdh_vp_init(cx, lp, tdvpr).await;
-        self.mmu_lock.write_unlock(cx).await;
-        if let Err(e) = r {
-            self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.INIT: {e}"));
-            return Err(Errno::EIO);
-        }
-        self.st.borrow_mut().vcpus[v].initialized = true;
-        Ok(())
+        true
     }
 
-    /// `tdx_td_finalize` (KVM_TDX_FINALIZE_VM).
-    pub async fn tdx_td_finalize(&self, cx: &Ctx) -> KvmResult<()> {
-        {
-            let st = self.st.borrow();
-            if st.tdx.hkid.is_none() || st.tdx.state == TdState::Runnable {
+    /// `tdx_td_init` (KVM_MEMORY_ENCRYPT_OP(KVM_TDX_INIT_VM) through `kvm_vm_ioctl` and
+    /// `tdx_vm_ioctl`): -EIO on a dead VM; under the VM-state guard, -EINVAL unless the TD is
+    /// UNINITIALIZED, -EBUSY once any vCPU was created (`setup_tdparams` reads
+    /// `kvm->created_vcpus`); then `__tdx_td_init`: HKID, TDR, MNG.CREATE, KEY.CONFIG on each
+    /// package, ADDCX for each TDCS page, MNG.INIT.
+    pub async fn tdx_td_init(&self, cx: &Ctx, hkid: Hkid, max_vcpus: u32) -> KvmResult<()> {
+        if self.is_dead() {
+            return Err(Errno::EIO);
+        }
+        let locks = self.tdx_acquire_vm_state_locks(cx).await;
+        let r = async {
+            if self.st.borrow().tdx.state != TdState::Uninitialized {
                 return Err(Errno::EINVAL);
             }
-        }
-        let tdr = self.tdr();
-        match self.module.tdh_mr_finalize(cx, tdr).await {
-            Ok(()) => {}
-            Err(e) if e.status.is_operand_busy() => return Err(Errno::EBUSY),
-            Err(e) => {
-                self.bug(cx, "tdx_td_finalize", format!("TDH.MR.FINALIZE: {e}"));
+            if self.st.borrow().created_vcpus != 0 {
+                return Err(Errno::EBUSY);
+            }
+            let (packages, ntdcs) = {
+                let s = self.module.state();
+                (s.config.packages, s.config.tdcs_pages)
+            };
+            let alloc = |u| {
+                self.host
+                    .borrow_mut()
+                    .ledger
+                    .alloc(AllocFor::Kernel(u))
+                    .map_err(|_| Errno::ENOMEM)
+            };
+            let tdr = alloc(KernelUse::Tdr)?;
+            let m = &self.module;
+            match m.tdh_mng_create(cx, tdr, hkid).await {
+                Ok(_) => {}
+                Err(e) => {
+                    let mut h = self.host.borrow_mut();
+                    let r = h.ledger.free(tdr);
+                    h.record(cx.step(), r);
+                    if e.status.code == Code::RndNoEntropy {
+                        return Err(Errno::EAGAIN);
+                    }
+                    drop(h);
+                    self.bug(cx, "__tdx_td_init", format!("TDH.MNG.CREATE: {e}"));
+                    return Err(Errno::EIO);
+                }
+            }
+            {
+                let mut st = self.st.borrow_mut();
+                st.tdx.hkid = Some(hkid);
+                st.tdx.tdr = Some(tdr);
+            }
+            for pkg in 0..packages {
+                if let Err(e) = m.tdh_mng_key_config(cx, Lp(pkg), tdr).await {
+                    self.bug(cx, "__tdx_td_init", format!("TDH.MNG.KEY.CONFIG: {e}"));
+                    return Err(Errno::EIO);
+                }
+            }
+            for _ in 0..ntdcs {
+                let p = alloc(KernelUse::Tdcs)?;
+                if let Err(e) = m.tdh_mng_addcx(cx, tdr, p).await {
+                    let mut h = self.host.borrow_mut();
+                    let r = h.ledger.free(p);
+                    h.record(cx.step(), r);
+                    if e.status.code == Code::RndNoEntropy {
+                        return Err(Errno::EAGAIN);
+                    }
+                    drop(h);
+                    self.bug(cx, "__tdx_td_init", format!("TDH.MNG.ADDCX: {e}"));
+                    return Err(Errno::EIO);
+                }
+                self.st.borrow_mut().tdx.tdcs.push(p);
+            }
+            if let Err(e) = m.tdh_mng_init(cx, tdr, TdParams { max_vcpus }).await {
+                if e.status.code == Code::OperandInvalid {
+                    return Err(Errno::EINVAL);
+                }
+                self.bug(cx, "__tdx_td_init", format!("TDH.MNG.INIT: {e}"));
                 return Err(Errno::EIO);
             }
+            self.st.borrow_mut().tdx.state = TdState::Initialized;
+            Ok(())
         }
-        let mut st = self.st.borrow_mut();
-        st.tdx.state = TdState::Runnable;
-        st.tdx.pre_fault_allowed = true;
-        Ok(())
+        .await;
+        self.tdx_release_vm_state_locks(cx, locks).await;
+        r
+    }
+
+    /// KVM_TDX_INIT_VCPU of vCPU `v` (`kvm_vcpu_ioctl` -> `tdx_vcpu_unlocked_ioctl` ->
+    /// `tdx_vcpu_init` -> `tdx_td_vcpu_init`): -EIO on a dead VM; under the VM-state guard,
+    /// -EINVAL without an HKID or once RUNNABLE, -EINVAL unless the vCPU is UNINITIALIZED;
+    /// then TDVPR + VP.CREATE, TDCX + VP.ADDCX, VP.INIT under mmu_lock for write.
+    pub async fn tdx_td_vcpu_init(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
+        if self.is_dead() {
+            return Err(Errno::EIO);
+        }
+        let locks = self.tdx_acquire_vm_state_locks(cx).await;
+        let r = async {
+            {
+                let st = self.st.borrow();
+                if st.tdx.hkid.is_none() || st.tdx.state == TdState::Runnable {
+                    return Err(Errno::EINVAL);
+                }
+                if st.vcpus[v].initialized {
+                    return Err(Errno::EINVAL);
+                }
+            }
+            let (lp, tdr, n) = {
+                let st = self.st.borrow();
+                (
+                    st.vcpus[v].lp,
+                    st.tdx.tdr.expect("tdr"),
+                    self.module.state().config.tdvps_pages,
+                )
+            };
+            let alloc = |u| {
+                self.host
+                    .borrow_mut()
+                    .ledger
+                    .alloc(AllocFor::Kernel(u))
+                    .map_err(|_| Errno::ENOMEM)
+            };
+            let tdvpr = alloc(KernelUse::Tdvpr)?;
+            let m = &self.module;
+            if let Err(e) = m.tdh_vp_create(cx, tdr, tdvpr).await {
+                let mut h = self.host.borrow_mut();
+                let r = h.ledger.free(tdvpr);
+                h.record(cx.step(), r);
+                drop(h);
+                self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.CREATE: {e}"));
+                return Err(Errno::EIO);
+            }
+            self.st.borrow_mut().vcpus[v].tdvpr = Some(tdvpr);
+            for _ in 1..n {
+                let p = alloc(KernelUse::Tdcx)?;
+                if let Err(e) = m.tdh_vp_addcx(cx, tdvpr, p).await {
+                    let mut h = self.host.borrow_mut();
+                    let r = h.ledger.free(p);
+                    h.record(cx.step(), r);
+                    drop(h);
+                    self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.ADDCX: {e}"));
+                    return Err(Errno::EIO);
+                }
+                self.st.borrow_mut().vcpus[v].tdcx.push(p);
+            }
+            // VP.INIT may take the TDR exclusively inside the module: it runs under mmu_lock
+            // for write so that it cannot make a must-not-fail zap see BUSY.
+            self.mmu_lock.write(cx).await;
+            let r = m.tdh_vp_init(cx, lp, tdvpr).await;
+            self.mmu_lock.write_unlock(cx).await;
+            if let Err(e) = r {
+                self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.INIT: {e}"));
+                return Err(Errno::EIO);
+            }
+            self.st.borrow_mut().vcpus[v].initialized = true;
+            Ok(())
+        }
+        .await;
+        self.tdx_release_vm_state_locks(cx, locks).await;
+        r
+    }
+
+    /// `tdx_td_finalize` (KVM_MEMORY_ENCRYPT_OP(KVM_TDX_FINALIZE_VM) through `kvm_vm_ioctl`):
+    /// -EIO on a dead VM; under the VM-state guard, -EINVAL without an HKID or once RUNNABLE;
+    /// TDH.MR.FINALIZE (BUSY: -EBUSY; other errors bug the VM: -EIO); then RUNNABLE and
+    /// `pre_fault_allowed` (KVM_PRE_FAULT_MEMORY answers -EOPNOTSUPP before).
+    pub async fn tdx_td_finalize(&self, cx: &Ctx) -> KvmResult<()> {
+        if self.is_dead() {
+            return Err(Errno::EIO);
+        }
+        let locks = self.tdx_acquire_vm_state_locks(cx).await;
+        let r = async {
+            {
+                let st = self.st.borrow();
+                if st.tdx.hkid.is_none() || st.tdx.state == TdState::Runnable {
+                    return Err(Errno::EINVAL);
+                }
+            }
+            let tdr = self.tdr();
+            match self.module.tdh_mr_finalize(cx, tdr).await {
+                Ok(()) => {}
+                Err(e) if e.status.is_operand_busy() => return Err(Errno::EBUSY),
+                Err(e) => {
+                    self.bug(cx, "tdx_td_finalize", format!("TDH.MR.FINALIZE: {e}"));
+                    return Err(Errno::EIO);
+                }
+            }
+            let mut st = self.st.borrow_mut();
+            st.tdx.state = TdState::Runnable;
+            st.tdx.pre_fault_allowed = true;
+            Ok(())
+        }
+        .await;
+        self.tdx_release_vm_state_locks(cx, locks).await;
+        r
     }
 
     /// `tdx_vcpu_run`: no entry while `wait_for_sept_zap`; TDH.VP.ENTER; then the guest runs

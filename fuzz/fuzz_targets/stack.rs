@@ -1,0 +1,8 @@
+//! The whole stack on the upstream policy: any violation is a crash (a finding to triage).
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Some(v) = oracle::targets::stack(harness::policy::Policy::UPSTREAM, data) {
+        panic!("{v}");
+    }
+});

@@ -1,0 +1,333 @@
+//! Running a scenario: build the stack (upstream TD build), spawn one task per scenario task,
+//! step the ops phase under the scenario's schedule, then a liveness phase under a fair
+//! schedule until everything is done or the budget ends. An observer sees every step and may
+//! stop the run (the oracle does, at the first violation).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+use crate::guest::{GuestOp, GuestProgram};
+use crate::kvm::{Errno, GuestMode, Kvm};
+use crate::policy::Policy;
+use crate::scenario::{DirUntil, GuestStep, Scenario, Schedule, TaskName, TaskOps, VmmOp};
+use crate::sched::{
+    Completion, Ctx, Directive, InputChooser, Outcome, RoundRobin, Script, StepInfo, TaskId,
+    TraceMode, Until,
+};
+use crate::stack::Stack;
+use crate::vmm::{vcpu_thread, ThreadEnd};
+
+/// Bounds of a run.
+#[derive(Clone, Copy, Debug)]
+pub struct RunConfig {
+    pub policy: Policy,
+    pub trace: TraceMode,
+    /// Steps for the scenario's schedule.
+    pub ops_budget: u64,
+    /// Further steps under a fair schedule for the work still pending.
+    pub liveness_budget: u64,
+    pub host_pages: usize,
+}
+
+impl RunConfig {
+    pub fn new(policy: Policy, trace: TraceMode) -> Self {
+        RunConfig {
+            policy,
+            trace,
+            ops_budget: 20_000,
+            liveness_budget: 40_000,
+            host_pages: 700,
+        }
+    }
+}
+
+/// A finished run, for the oracle's checks.
+pub struct Run {
+    pub stack: Stack,
+    pub tasks: Vec<(TaskName, TaskId)>,
+    /// How the ops phase ended, and how the run ended.
+    pub ops_outcome: Outcome,
+    pub outcome: Outcome,
+    /// How each vCPU thread ended (None: still running or never started).
+    pub thread_ends: Vec<Rc<Cell<Option<ThreadEnd>>>>,
+    /// Errors the VMM's ioctls returned, with the op.
+    pub vmm_errors: Rc<RefCell<Vec<(VmmOp, Errno)>>>,
+    /// Whether the VM was destroyed.
+    pub destroyed: Rc<Cell<bool>>,
+    schedule: Schedule,
+    cfg: RunConfig,
+}
+
+fn guest_program(ops: &[GuestStep]) -> GuestProgram {
+    GuestProgram::new(
+        ops.iter()
+            .map(|s| match *s {
+                GuestStep::Accept { gfn } => GuestOp::Accept { gpa: gfn.gpa() },
+                GuestStep::Read { gfn, shared } => GuestOp::Read {
+                    gpa: if shared {
+                        gfn.gpa().to_shared()
+                    } else {
+                        gfn.gpa()
+                    },
+                },
+                GuestStep::Write { gfn, shared, value } => GuestOp::Write {
+                    gpa: if shared {
+                        gfn.gpa().to_shared()
+                    } else {
+                        gfn.gpa()
+                    },
+                    value,
+                },
+                GuestStep::MapGpa {
+                    gfn,
+                    npages,
+                    private,
+                } => GuestOp::MapGpa {
+                    gpa: gfn.gpa(),
+                    npages,
+                    to_private: private,
+                },
+            })
+            .collect(),
+    )
+}
+
+/// Marks a vCPU signalled or interrupted and kicks it out of guest mode (`kvm_vcpu_kick`).
+fn kick(kvm: &Kvm, v: usize, signal: bool) {
+    let mut st = kvm.st.borrow_mut();
+    let Some(vc) = st.vcpus.get_mut(v) else {
+        return;
+    };
+    if signal {
+        vc.signal_pending = true;
+    } else {
+        vc.pending_event = true;
+    }
+    if vc.mode == GuestMode::InGuest {
+        vc.mode = GuestMode::ExitingGuest;
+    }
+}
+
+async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp, exited: &[Completion]) -> Result<(), Errno> {
+    cx.yield_at("vmm op").await;
+    match op {
+        VmmOp::Convert {
+            gfn,
+            npages,
+            private,
+        } => {
+            kvm.set_memory_attributes(cx, gfn, gfn.add(npages), private)
+                .await
+        }
+        VmmOp::DeleteSlot { gfn } => {
+            let id = kvm.st.borrow().memslots.lookup(gfn).map(|s| s.id);
+            match id {
+                Some(id) => kvm.delete_memslot(cx, id).await,
+                None => Err(Errno::EINVAL),
+            }
+        }
+        VmmOp::CreateSlot => {
+            let file = crate::ids::GmemId(0);
+            kvm.create_memslot(
+                cx,
+                crate::ids::SlotId(0),
+                crate::addr::Gfn::new(0),
+                crate::stack::GUEST_PAGES,
+                Some((file, crate::ids::PgOff(0))),
+            )
+            .await
+        }
+        VmmOp::PunchHole { gfn, npages } => {
+            let file = kvm
+                .st
+                .borrow()
+                .memslots
+                .lookup(gfn)
+                .and_then(|s| s.gmem_index(gfn));
+            match file {
+                Some((f, off)) => kvm.kvm_gmem_punch_hole(cx, f, off, npages).await,
+                None => Err(Errno::EINVAL),
+            }
+        }
+        VmmOp::Prefault { vcpu, gfn, npages } => loop {
+            let gpa = gfn.gpa();
+            match kvm
+                .kvm_vcpu_pre_fault_memory(cx, usize::from(vcpu), gpa, npages << 12)
+                .await
+            {
+                // Userspace retries -EAGAIN (a memslot update was in flight).
+                Err(Errno::EAGAIN) => cx.yield_at("prefault: retry").await,
+                r => break r.map(|_| ()),
+            }
+        },
+        VmmOp::Signal { vcpu } => {
+            kick(kvm, usize::from(vcpu), true);
+            Ok(())
+        }
+        VmmOp::Interrupt { vcpu } => {
+            kick(kvm, usize::from(vcpu), false);
+            Ok(())
+        }
+        VmmOp::ZapAllFast => {
+            kvm.kvm_mmu_zap_all_fast(cx).await;
+            Ok(())
+        }
+        VmmOp::ZeroStep { vcpu, gfn } => {
+            let tdvpr = kvm
+                .st
+                .borrow()
+                .vcpus
+                .get(usize::from(vcpu))
+                .and_then(|v| v.tdvpr);
+            if let Some(t) = tdvpr {
+                kvm.module.inject_zero_step(t, gfn.gpa());
+            }
+            Ok(())
+        }
+        VmmOp::AllocFail { n } => {
+            kvm.host
+                .borrow_mut()
+                .ledger
+                .inject_alloc_failures(u32::from(n));
+            Ok(())
+        }
+        VmmOp::InjectSkipConvertZap => {
+            kvm.st.borrow_mut().injected.skip_convert_zap = true;
+            Ok(())
+        }
+        VmmOp::Destroy => {
+            // The VMM stops every vCPU thread before it closes the VM.
+            for c in exited {
+                c.wait(cx).await;
+            }
+            kvm.destroy_vm(cx).await;
+            Ok(())
+        }
+    }
+}
+
+/// `Until::Point` names are `&'static str`; text scenarios name points at run time (a few
+/// short strings per file).
+fn leak_point(p: &str) -> &'static str {
+    Box::leak(p.to_string().into_boxed_str())
+}
+
+/// Builds the stack for `sc` (the upstream TD build, then one task per scenario task), ready to
+/// run. The caller makes its observer from `run.stack`'s handles, then calls `Run::execute`.
+pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
+    let mut stack = Stack::new(cfg.policy, cfg.host_pages, cfg.trace);
+    stack.build_with(sc.vcpus, &sc.init_pages);
+    let cx = stack.cx.clone();
+    let exited: Vec<Completion> = (0..sc.vcpus)
+        .map(|_| Completion::new(&cx, "vcpu thread exit"))
+        .collect();
+    let vmm_errors: Rc<RefCell<Vec<(VmmOp, Errno)>>> = Rc::default();
+    let destroyed = Rc::new(Cell::new(false));
+    let thread_ends: Vec<Rc<Cell<Option<ThreadEnd>>>> =
+        (0..sc.vcpus).map(|_| Rc::default()).collect();
+    let mut tasks = Vec::new();
+    for t in &sc.tasks {
+        let id = match (&t.ops, t.name) {
+            (TaskOps::Guest(ops), TaskName::Vcpu(v)) => {
+                let v = usize::from(v);
+                stack.kvm.set_guest_program(v, guest_program(ops));
+                let (kvm, cx2, end, done) = (
+                    stack.kvm.clone(),
+                    cx.clone(),
+                    thread_ends[v].clone(),
+                    exited[v],
+                );
+                stack.ex.spawn(t.name.label(), async move {
+                    end.set(Some(vcpu_thread(&kvm, &cx2, v).await));
+                    done.complete_all(&cx2).await;
+                })
+            }
+            (TaskOps::Vmm(ops), _) => {
+                let (kvm, cx2, ops, errs, ex, d) = (
+                    stack.kvm.clone(),
+                    cx.clone(),
+                    ops.clone(),
+                    vmm_errors.clone(),
+                    exited.clone(),
+                    destroyed.clone(),
+                );
+                stack.ex.spawn(t.name.label(), async move {
+                    for op in ops {
+                        if let Err(e) = vmm_op(&kvm, &cx2, op, &ex).await {
+                            errs.borrow_mut().push((op, e));
+                        }
+                        if op == VmmOp::Destroy {
+                            d.set(true);
+                            break;
+                        }
+                    }
+                })
+            }
+            _ => unreachable!("the parser pairs guest ops with vCPU tasks"),
+        };
+        tasks.push((t.name, id));
+    }
+    // vCPUs without a program have no thread: nothing to join at destroy.
+    for (v, c) in exited.iter().enumerate() {
+        if !tasks.iter().any(|(n, _)| *n == TaskName::Vcpu(v as u8)) {
+            let (c, cx2) = (*c, cx.clone());
+            stack.ex.spawn(format!("vcpu{v}-idle"), async move {
+                c.complete_all(&cx2).await
+            });
+        }
+    }
+    Run {
+        stack,
+        tasks,
+        ops_outcome: Outcome::AllDone,
+        outcome: Outcome::AllDone,
+        thread_ends,
+        vmm_errors,
+        destroyed,
+        schedule: sc.schedule.clone(),
+        cfg: *cfg,
+    }
+}
+
+impl Run {
+    /// Runs the ops phase under the scenario's schedule, then (if work is pending) the liveness
+    /// phase under round robin.
+    pub fn execute(&mut self, observer: &mut dyn FnMut(&StepInfo) -> bool) {
+        let ops_limit = self.stack.ex.steps() + self.cfg.ops_budget;
+        let tasks = self.tasks.clone();
+        let id_of = |n: TaskName| tasks.iter().find(|(t, _)| *t == n).map(|(_, id)| *id);
+        let ex = &mut self.stack.ex;
+        self.ops_outcome = match &self.schedule {
+            Schedule::Fair => ex.run(&mut RoundRobin::new(), ops_limit, observer),
+            Schedule::Bytes(b) => ex.run(&mut InputChooser::new(b), ops_limit, observer),
+            Schedule::Script(dirs) => {
+                let dirs = dirs
+                    .iter()
+                    .filter_map(|d| {
+                        Some(Directive {
+                            task: id_of(d.task)?,
+                            until: match &d.until {
+                                DirUntil::Steps(n) => Until::Steps(*n),
+                                DirUntil::Point(p) => Until::Point(leak_point(p)),
+                                DirUntil::Blocked => Until::Blocked,
+                            },
+                        })
+                    })
+                    .collect();
+                ex.run(&mut Script::new(dirs), ops_limit, observer)
+            }
+        };
+        self.outcome = match &self.ops_outcome {
+            Outcome::BudgetExhausted(_) => {
+                let limit = ex.steps() + self.cfg.liveness_budget;
+                ex.run(&mut RoundRobin::new(), limit, observer)
+            }
+            other => other.clone(),
+        };
+    }
+
+    /// The scheduler task of a scenario task.
+    pub fn task(&self, n: TaskName) -> Option<TaskId> {
+        self.tasks.iter().find(|(t, _)| *t == n).map(|(_, id)| *id)
+    }
+}

@@ -1,0 +1,155 @@
+//! Bytes -> scenario. Every byte string decodes to a valid, bounded scenario: ops refer to a
+//! handful of gfns by index (so short inputs already collide on the same pages and tables),
+//! vCPUs by index, and the bytes left over become the schedule.
+
+use arbitrary::{Arbitrary, Unstructured};
+
+use super::{Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, VmmOp, MAX_TASK_OPS};
+use crate::addr::Gfn;
+
+/// The gfns ops choose from: three pages sharing a 4K table, two in the next 2M region, one in
+/// a third.
+const GFNS: [u64; 6] = [0x10, 0x11, 0x12, 0x200, 0x201, 0x400];
+
+fn gfn(i: u8) -> Gfn {
+    Gfn::new(GFNS[usize::from(i) % GFNS.len()])
+}
+
+#[derive(Arbitrary, Debug)]
+enum RawGuest {
+    Accept(u8),
+    Read(u8, bool),
+    Write(u8, bool, u8),
+    MapGpa(u8, bool),
+}
+
+#[derive(Arbitrary, Debug)]
+enum RawVmm {
+    Convert(u8, bool),
+    DeleteSlot,
+    PunchHole(u8),
+    Prefault(u8, u8),
+    Signal(u8),
+    Interrupt(u8),
+    ZapAllFast,
+    ZeroStep(u8, u8),
+}
+
+#[derive(Arbitrary, Debug)]
+struct Raw {
+    two_vcpus: bool,
+    vmm: Vec<RawVmm>,
+    guest: [Vec<RawGuest>; 2],
+    destroy: bool,
+}
+
+fn guest(r: &RawGuest) -> GuestStep {
+    match *r {
+        RawGuest::Accept(g) => GuestStep::Accept { gfn: gfn(g) },
+        RawGuest::Read(g, shared) => GuestStep::Read {
+            gfn: gfn(g),
+            shared,
+        },
+        RawGuest::Write(g, shared, v) => GuestStep::Write {
+            gfn: gfn(g),
+            shared,
+            value: u64::from(v) + 1,
+        },
+        RawGuest::MapGpa(g, private) => GuestStep::MapGpa {
+            gfn: gfn(g),
+            npages: 1,
+            private,
+        },
+    }
+}
+
+fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
+    match *r {
+        RawVmm::Convert(g, private) => VmmOp::Convert {
+            gfn: gfn(g),
+            npages: 1,
+            private,
+        },
+        RawVmm::DeleteSlot => VmmOp::DeleteSlot { gfn: Gfn::new(0) },
+        RawVmm::PunchHole(g) => VmmOp::PunchHole {
+            gfn: gfn(g),
+            npages: 1,
+        },
+        RawVmm::Prefault(v, g) => VmmOp::Prefault {
+            vcpu: v % vcpus,
+            gfn: gfn(g),
+            npages: 1,
+        },
+        RawVmm::Signal(v) => VmmOp::Signal { vcpu: v % vcpus },
+        RawVmm::Interrupt(v) => VmmOp::Interrupt { vcpu: v % vcpus },
+        RawVmm::ZapAllFast => VmmOp::ZapAllFast,
+        RawVmm::ZeroStep(v, g) => VmmOp::ZeroStep {
+            vcpu: v % vcpus,
+            gfn: gfn(g),
+        },
+    }
+}
+
+/// Decodes fuzz input: the first byte is the length of the op part; the rest is the schedule.
+pub fn decode(data: &[u8]) -> Scenario {
+    let split = data
+        .first()
+        .map_or(0, |b| usize::from(*b))
+        .min(data.len().saturating_sub(1));
+    let (ops, sched) = data.get(1..).unwrap_or(&[]).split_at(split);
+    let mut u = Unstructured::new(ops);
+    let raw = Raw::arbitrary(&mut u).unwrap_or(Raw {
+        two_vcpus: false,
+        vmm: Vec::new(),
+        guest: [Vec::new(), Vec::new()],
+        destroy: false,
+    });
+    let vcpus = if raw.two_vcpus { 2 } else { 1 };
+    let mut tasks = Vec::new();
+    for (i, g) in raw.guest.iter().enumerate().take(usize::from(vcpus)) {
+        tasks.push(Task {
+            name: TaskName::Vcpu(i as u8),
+            ops: TaskOps::Guest(g.iter().take(MAX_TASK_OPS).map(guest).collect()),
+        });
+    }
+    let mut v: Vec<VmmOp> = raw
+        .vmm
+        .iter()
+        .take(MAX_TASK_OPS - 1)
+        .map(|r| vmm(r, vcpus))
+        .collect();
+    if raw.destroy {
+        v.push(VmmOp::Destroy);
+    }
+    if !v.is_empty() {
+        tasks.push(Task {
+            name: TaskName::Vmm(0),
+            ops: TaskOps::Vmm(v),
+        });
+    }
+    Scenario {
+        vcpus,
+        init_pages: Vec::new(),
+        tasks,
+        schedule: Schedule::Bytes(sched.iter().take(4096).copied().collect()),
+        expect: Expect::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::scenario::text::{parse, print};
+
+    #[test]
+    fn any_bytes_decode_and_round_trip() {
+        let mut rng = crate::sched::choice::SplitMix64::new(3);
+        for n in 0..2000usize {
+            let data: Vec<u8> = (0..n % 300).map(|_| rng.next_u64() as u8).collect();
+            let s = decode(&data);
+            assert!((1..=2).contains(&s.vcpus));
+            let t = print(&s);
+            assert_eq!(parse(&t).unwrap(), s, "{t}");
+        }
+    }
+}

@@ -1,0 +1,150 @@
+//! Scenarios: what a run does. A scenario is a set of tasks (the VMM's threads and the vCPUs'
+//! guest programs), each a list of ops, plus a schedule (explicit directives, fuzz bytes, or
+//! fair) and an optional `expect` line. Every byte string decodes to a valid scenario
+//! (`decode.rs`) and every scenario prints to and parses from a text form (`text.rs`).
+
+pub mod decode;
+pub mod text;
+
+use crate::addr::Gfn;
+
+/// Limits that keep every run bounded.
+pub const MAX_VCPUS: u8 = 4;
+pub const MAX_TASK_OPS: usize = 32;
+pub const MAX_VMM_TASKS: u8 = 2;
+/// Guest-physical pages the scenario may touch (the stack's memslot is larger).
+pub const MAX_GFN: u64 = 0x7ff;
+
+/// A VMM thread's op (userspace ioctls and platform events).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VmmOp {
+    /// KVM_SET_MEMORY_ATTRIBUTES over `[gfn, gfn + npages)`.
+    Convert {
+        gfn: Gfn,
+        npages: u64,
+        private: bool,
+    },
+    /// Deletes the memslot covering `gfn` (KVM_SET_USER_MEMORY_REGION2 with size 0).
+    DeleteSlot { gfn: Gfn },
+    /// Recreates the stack's memslot (slot 0 over all guest memory, bound to guest_memfd 0),
+    /// as a VMM does when it remaps a region.
+    CreateSlot,
+    /// fallocate(PUNCH_HOLE) on guest_memfd over `[gfn, gfn + npages)`.
+    PunchHole { gfn: Gfn, npages: u64 },
+    /// KVM_PRE_FAULT_MEMORY on a vCPU, retried while it returns -EAGAIN.
+    Prefault { vcpu: u8, gfn: Gfn, npages: u64 },
+    /// A signal to a vCPU thread (KVM_RUN returns -EINTR).
+    Signal { vcpu: u8 },
+    /// An interrupt for a vCPU (`kvm_vcpu_has_events`).
+    Interrupt { vcpu: u8 },
+    /// kvm_mmu_zap_all_fast (MMIO generation wrap / nx_huge_pages toggle).
+    ZapAllFast,
+    /// Fault injection: the vCPU has faulted past the zero-step threshold at `gfn`.
+    ZeroStep { vcpu: u8, gfn: Gfn },
+    /// Fault injection: the next `n` host page allocations fail.
+    AllocFail { n: u8 },
+    /// Fault injection (a kernel bug): KVM_SET_MEMORY_ATTRIBUTES stops zapping old mappings.
+    InjectSkipConvertZap,
+    /// Stop the vCPUs and destroy the VM (waits for every vCPU thread first).
+    Destroy,
+}
+
+/// A guest instruction of a vCPU's program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestStep {
+    Accept {
+        gfn: Gfn,
+    },
+    Read {
+        gfn: Gfn,
+        shared: bool,
+    },
+    Write {
+        gfn: Gfn,
+        shared: bool,
+        value: u64,
+    },
+    MapGpa {
+        gfn: Gfn,
+        npages: u64,
+        private: bool,
+    },
+}
+
+/// Who runs a task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TaskName {
+    Vmm(u8),
+    Vcpu(u8),
+}
+
+/// One task's ops.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TaskOps {
+    Vmm(Vec<VmmOp>),
+    Guest(Vec<GuestStep>),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Task {
+    pub name: TaskName,
+    pub ops: TaskOps,
+}
+
+/// How long a directive runs its task.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DirUntil {
+    Steps(u32),
+    Point(String),
+    Blocked,
+}
+
+/// One explicit-schedule directive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dir {
+    pub task: TaskName,
+    pub until: DirUntil,
+}
+
+/// The interleaving.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Schedule {
+    /// Round robin throughout.
+    #[default]
+    Fair,
+    /// Choices read from bytes (fuzz input), then round robin.
+    Bytes(Vec<u8>),
+    /// Directives, then round robin.
+    Script(Vec<Dir>),
+}
+
+/// The `expect` line.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum Expect {
+    #[default]
+    None,
+    Clean,
+    /// A violation of this kind (its name, e.g. `must_not_fail`).
+    Violation(String),
+}
+
+/// A whole scenario.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Scenario {
+    pub vcpus: u8,
+    /// Pages added at build time with TDH.MEM.PAGE.ADD (KVM_TDX_INIT_MEM_REGION), with content.
+    pub init_pages: Vec<(Gfn, u64)>,
+    pub tasks: Vec<Task>,
+    pub schedule: Schedule,
+    pub expect: Expect,
+}
+
+impl TaskName {
+    /// The scheduler task name the runner gives it.
+    pub fn label(self) -> String {
+        match self {
+            TaskName::Vmm(i) => format!("vmm{i}"),
+            TaskName::Vcpu(i) => format!("vcpu{i}"),
+        }
+    }
+}

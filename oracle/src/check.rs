@@ -1,0 +1,201 @@
+//! Running a scenario under the oracle: cheap checks after every step (new fatal bug reports,
+//! refused host-page moves, state transitions), full checks at the end (mirror vs S-EPT,
+//! PAMT vs ledger, guest memory, liveness, teardown accounting). The first violation wins.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use harness::run::{prepare, Run, RunConfig};
+use harness::scenario::Scenario;
+use harness::sched::{Outcome, PointDisplay};
+
+use crate::{Violation, ViolationKind};
+
+/// Trace events a violation carries.
+const RECENT: usize = 24;
+
+/// What a per-step check found: kind, location, signature key, detail.
+type Found = (ViolationKind, &'static str, String, String);
+
+/// A checked run.
+pub struct Report {
+    pub violation: Option<Violation>,
+    pub run: Run,
+}
+
+/// Replaces numbers (addresses, steps, raw statuses) so a signature names a kind of failure,
+/// not one input's values.
+pub fn stable(s: &str) -> String {
+    s.split(' ')
+        .map(|w| {
+            let named = ["TDX_", "TDH.", "TDG.", "vcpu", "-E"]
+                .iter()
+                .any(|p| w.starts_with(p));
+            if w.chars().any(|c| c.is_ascii_digit()) && !named {
+                "*"
+            } else {
+                w
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn recent(run: &Run) -> Vec<String> {
+    let names = run.stack.ex.task_names();
+    let objs = run.stack.ex.obj_names();
+    run.stack
+        .ex
+        .trace()
+        .tail(RECENT)
+        .iter()
+        .map(|ev| {
+            format!(
+                "{:>6} {:<10} {}",
+                ev.step,
+                names[ev.task.0 as usize],
+                PointDisplay {
+                    point: &ev.point,
+                    obj_names: &objs
+                }
+            )
+        })
+        .collect()
+}
+
+fn violation(
+    kind: ViolationKind,
+    location: &'static str,
+    key: String,
+    detail: String,
+    run: &Run,
+) -> Violation {
+    Violation {
+        kind,
+        location,
+        key,
+        detail,
+        step: run.stack.ex.steps(),
+        tasks: Vec::new(),
+        recent: recent(run),
+    }
+}
+
+/// Runs `sc` with the oracle watching.
+pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
+    let mut run = prepare(sc, cfg);
+    // Per-step checks see the model through its shared handles.
+    let kvm = run.stack.kvm.clone();
+    let host = run.stack.host.clone();
+    let destroyed = run.destroyed.clone();
+    let found: Rc<RefCell<Option<Found>>> = Rc::default();
+    let (mut bugs_seen, mut refused_seen) =
+        (kvm.st.borrow().bugs.len(), host.borrow().refused.len());
+    let mut seen = crate::state_machine::Seen::default();
+    let f = found.clone();
+    let mut observer = |_: &harness::sched::StepInfo| -> bool {
+        let st = kvm.st.borrow();
+        if let Some(b) = crate::must_not_fail::bugs_since(&st.bugs, bugs_seen).first() {
+            *f.borrow_mut() = Some((
+                ViolationKind::MustNotFail,
+                b.location,
+                stable(&b.what),
+                format!("{}: {}", b.location, b.what),
+            ));
+            return false;
+        }
+        bugs_seen = st.bugs.len();
+        drop(st);
+        let h = host.borrow();
+        if let Some(r) = crate::ownership::refused_since(&h, refused_seen).first() {
+            let key = h.refused[refused_seen].1.to_string();
+            *f.borrow_mut() = Some((
+                ViolationKind::PageOwnership,
+                "host page ledger",
+                stable(&key),
+                r.clone(),
+            ));
+            return false;
+        }
+        refused_seen = h.refused.len();
+        drop(h);
+        if let Some(b) = crate::state_machine::check(&kvm, &mut seen, destroyed.get()).first() {
+            *f.borrow_mut() = Some((
+                ViolationKind::StateMachine,
+                "state transition",
+                stable(b),
+                b.clone(),
+            ));
+            return false;
+        }
+        true
+    };
+    run.execute(&mut observer);
+    if let Some((kind, loc, key, detail)) = found.borrow_mut().take() {
+        let v = violation(kind, loc, key, detail, &run);
+        return Report {
+            violation: Some(v),
+            run,
+        };
+    }
+    let v = end_checks(sc, &run);
+    Report { violation: v, run }
+}
+
+fn end_checks(sc: &Scenario, run: &Run) -> Option<Violation> {
+    let kvm = &run.stack.kvm;
+    // A desync is the cause when a run also hangs (e.g. retrying on a table that is not there),
+    // so it is checked first; frozen SPTEs count only when nothing is in flight.
+    let quiescent = run.outcome == Outcome::AllDone;
+    let bad = crate::sept_sync::check(kvm, quiescent);
+    if let Some(b) = bad.first() {
+        return Some(violation(
+            ViolationKind::MirrorDesync,
+            "tdp_mmu vs S-EPT",
+            stable(b),
+            b.clone(),
+            run,
+        ));
+    }
+    if let Some(v) = crate::liveness::check_outcome(&run.outcome, &run.stack.ex, "scenario run") {
+        return Some(v);
+    }
+    let errs = crate::must_not_fail::eio(&run.vmm_errors.borrow());
+    if let Some(e) = errs.first() {
+        return Some(violation(
+            ViolationKind::MustNotFail,
+            "VMM ioctl",
+            stable(e),
+            e.clone(),
+            run,
+        ));
+    }
+    let bad = crate::ownership::check(
+        &kvm.module.state(),
+        &run.stack.host.borrow(),
+        run.destroyed.get(),
+    );
+    if let Some(b) = bad.first() {
+        return Some(violation(
+            ViolationKind::PageOwnership,
+            "host page ledger",
+            stable(b),
+            b.clone(),
+            run,
+        ));
+    }
+    let bad = crate::guest_memory::check(kvm, &sc.init_pages);
+    if let Some(b) = bad.first() {
+        return Some(violation(
+            ViolationKind::GuestMemory,
+            "guest access",
+            stable(b),
+            b.clone(),
+            run,
+        ));
+    }
+    if let Outcome::Stopped = run.outcome {
+        return None;
+    }
+    None
+}

@@ -1,0 +1,72 @@
+//! `state_machine`: TD and vCPU states only move the way the TDX module and KVM allow: the TD
+//! life cycle and op state never go back, KVM's TD state only forward, and a vCPU the module
+//! considers running is in guest mode on KVM's side.
+
+use harness::kvm::{GuestMode, Kvm, TdState};
+use harness::tdx_module::{Lifecycle, OpState, VcpuState};
+
+/// States seen at the previous check.
+#[derive(Clone, Debug, Default)]
+pub struct Seen {
+    lifecycle: Option<Lifecycle>,
+    op_state: Option<OpState>,
+    kvm: Option<TdState>,
+}
+
+fn rank_kvm(s: TdState) -> u8 {
+    match s {
+        TdState::Uninitialized => 0,
+        TdState::Initialized => 1,
+        TdState::Runnable => 2,
+    }
+}
+
+/// Checks the current states against the previous ones (cheap: run after every step).
+pub fn check(kvm: &Kvm, seen: &mut Seen, destroyed: bool) -> Vec<String> {
+    let mut bad = Vec::new();
+    let st = kvm.st.borrow();
+    let m = kvm.module.state();
+    if let Some(td) = st.tdx.tdr.and_then(|t| m.tds.get(&t)) {
+        if let Some(prev) = seen.lifecycle {
+            if td.lifecycle < prev {
+                bad.push(format!(
+                    "TD life cycle went back: {prev:?} -> {:?}",
+                    td.lifecycle
+                ));
+            }
+        }
+        if let Some(prev) = seen.op_state {
+            if td.op_state < prev {
+                bad.push(format!(
+                    "TD op state went back: {prev:?} -> {:?}",
+                    td.op_state
+                ));
+            }
+        }
+        seen.lifecycle = Some(td.lifecycle);
+        seen.op_state = Some(td.op_state);
+    }
+    if let Some(prev) = seen.kvm {
+        if rank_kvm(st.tdx.state) < rank_kvm(prev) && !destroyed {
+            bad.push(format!(
+                "KVM TD state went back: {prev:?} -> {:?}",
+                st.tdx.state
+            ));
+        }
+    }
+    seen.kvm = Some(st.tdx.state);
+    for v in &st.vcpus {
+        let Some(tdvpr) = v.tdvpr else { continue };
+        let running = m
+            .vcpus
+            .get(&tdvpr)
+            .is_some_and(|mv| mv.state == VcpuState::Active);
+        if running && v.mode == GuestMode::OutsideGuest {
+            bad.push(format!(
+                "{} runs in the TD while KVM has it outside guest mode",
+                v.idx
+            ));
+        }
+    }
+    bad
+}

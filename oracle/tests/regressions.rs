@@ -1,0 +1,99 @@
+//! Replays every scenario in corpus/regressions: `POLICY--name.tdx` runs under POLICY and must
+//! give what its `expect` line says; every policy scenario must be clean under upstream; and
+//! the same input gives the same trace, byte for byte.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use harness::policy::Policy;
+use harness::run::RunConfig;
+use harness::scenario::{text::parse, Expect, Scenario};
+use harness::sched::TraceMode;
+
+fn files() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../corpus/regressions");
+    let mut v: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "tdx"))
+        .collect();
+    v.sort();
+    assert!(!v.is_empty());
+    v
+}
+
+fn load(p: &Path) -> (Policy, Scenario) {
+    let name = p.file_name().unwrap().to_string_lossy().into_owned();
+    let policy = name.split("--").next().unwrap();
+    let policy = Policy::by_name(policy).unwrap_or_else(|| panic!("{name}: unknown policy prefix"));
+    let sc = parse(&fs::read_to_string(p).unwrap()).unwrap_or_else(|e| panic!("{name}: {e}"));
+    (policy, sc)
+}
+
+fn kind_under(sc: &Scenario, p: Policy) -> Option<String> {
+    oracle::check::run_scenario(sc, &RunConfig::new(p, TraceMode::Ring(32)))
+        .violation
+        .map(|v| v.kind.name().to_string())
+}
+
+#[test]
+fn every_regression_gives_its_expected_result() {
+    for f in files() {
+        let (policy, sc) = load(&f);
+        let got = kind_under(&sc, policy);
+        match &sc.expect {
+            Expect::Clean => assert_eq!(got, None, "{}", f.display()),
+            Expect::Violation(k) => assert_eq!(got.as_deref(), Some(k.as_str()), "{}", f.display()),
+            Expect::None => panic!("{}: regression scenarios need an expect line", f.display()),
+        }
+        if policy.name != "upstream" {
+            assert_eq!(
+                kind_under(&sc, Policy::UPSTREAM),
+                None,
+                "{} under upstream",
+                f.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_policy_with_an_expected_break_has_a_regression() {
+    let names: Vec<String> = files()
+        .iter()
+        .map(|f| {
+            f.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .split("--")
+                .next()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for (p, expect) in Policy::ALL {
+        if expect != "none" {
+            assert!(
+                names.iter().any(|n| n == p.name),
+                "no regression scenario for {}",
+                p.name
+            );
+        }
+    }
+}
+
+#[test]
+fn identical_input_gives_identical_traces() {
+    for f in files() {
+        let (policy, sc) = load(&f);
+        let run = |_| {
+            let r = oracle::check::run_scenario(&sc, &RunConfig::new(policy, TraceMode::Full));
+            let out = (r.run.stack.ex.render_trace(), r.run.stack.ex.trace().hash());
+            out
+        };
+        let (a, ha) = run(0);
+        let (b, hb) = run(1);
+        assert_eq!(ha, hb, "{}", f.display());
+        assert!(a == b, "{}: traces differ", f.display());
+    }
+}
