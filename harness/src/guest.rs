@@ -49,6 +49,10 @@ pub enum Observation {
     MapGpaDone {
         gpa: Gpa,
     },
+    /// A shared access with no memslot behind it was emulated as MMIO (#VE, TDVMCALL<MMIO>).
+    Mmio {
+        gpa: Gpa,
+    },
 }
 
 /// A vCPU's guest program and where it is.
@@ -66,6 +70,9 @@ pub struct GuestProgram {
     pub map_gpa_acked: bool,
     /// Consecutive BUSY results of the current TDCALL (the guest retries them).
     pub busy_retries: u32,
+    /// KVM installed an MMIO SPTE for the current shared access: the next attempt takes #VE
+    /// and completes through TDG.VP.VMCALL<#VE.RequestMMIO>.
+    pub mmio_pending: bool,
 }
 
 /// RIP of op `pc`.
@@ -122,6 +129,12 @@ pub async fn run_guest(kvm: &Kvm, cx: &Ctx, v: usize, tdvpr: Pfn) -> TdExit {
                     }),
                     Err(e) => Step::Exit(Kvm::guest_exit(e, false)),
                 }
+            }
+            GuestOp::Read { gpa } | GuestOp::Write { gpa, .. }
+                if gpa.is_shared() && kvm.st.borrow().vcpus[v].guest.mmio_pending =>
+            {
+                kvm.st.borrow_mut().vcpus[v].guest.mmio_pending = false;
+                Step::Next(Observation::Mmio { gpa })
             }
             GuestOp::Read { gpa } | GuestOp::Write { gpa, .. } => {
                 let write = match op {

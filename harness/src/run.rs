@@ -173,13 +173,21 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp, exited: &[Completion]) -> Result
             Ok(())
         }
         VmmOp::ZeroStep { vcpu, gfn } => {
-            let tdvpr = kvm
-                .st
-                .borrow()
-                .vcpus
-                .get(usize::from(vcpu))
-                .and_then(|v| v.tdvpr);
-            if let Some(t) = tdvpr {
+            // The module logs only GPAs the instruction at RIP faulted on: inject only when the
+            // vCPU's current instruction touches this private gfn.
+            let target = {
+                let st = kvm.st.borrow();
+                st.vcpus.get(usize::from(vcpu)).and_then(|v| {
+                    let touches = match v.guest.ops.get(v.guest.pc) {
+                        Some(GuestOp::Accept { gpa })
+                        | Some(GuestOp::Read { gpa })
+                        | Some(GuestOp::Write { gpa, .. }) => !gpa.is_shared() && gpa.gfn() == gfn,
+                        _ => false,
+                    };
+                    v.tdvpr.filter(|_| touches)
+                })
+            };
+            if let Some(t) = target {
                 kvm.module.inject_zero_step(t, gfn.gpa());
             }
             Ok(())
@@ -193,6 +201,10 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp, exited: &[Completion]) -> Result
         }
         VmmOp::InjectSkipConvertZap => {
             kvm.st.borrow_mut().injected.skip_convert_zap = true;
+            Ok(())
+        }
+        VmmOp::InjectSkipInGuestMode => {
+            kvm.st.borrow_mut().injected.skip_in_guest_mode = true;
             Ok(())
         }
         VmmOp::Destroy => {

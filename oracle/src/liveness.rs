@@ -40,6 +40,23 @@ fn wait_name(w: WaitOn, objs: &[&'static str]) -> String {
     }
 }
 
+/// What a runnable task is looping in: the yield point it passed most often in `tail`, without
+/// arguments (a stable name for the loop, whatever iteration the budget stopped it in).
+fn loop_name(tail: &[harness::sched::TraceEvent], t: harness::sched::TaskId) -> Option<String> {
+    use harness::sched::Point;
+    let mut counts: std::collections::BTreeMap<&'static str, usize> =
+        std::collections::BTreeMap::new();
+    for ev in tail.iter().filter(|e| e.task == t) {
+        if let Point::Yield(n) | Point::YieldArg(n, _) = ev.point {
+            *counts.entry(n).or_default() += 1;
+        }
+    }
+    counts
+        .into_iter()
+        .max_by_key(|(n, c)| (*c, std::cmp::Reverse(*n)))
+        .map(|(n, _)| format!("loop in {n}"))
+}
+
 /// Turns a scheduler outcome into a liveness violation, if it is one.
 ///
 /// `location` names the phase's driver (e.g. the upstream function the stuck tasks run).
@@ -99,16 +116,19 @@ pub fn check_outcome(
             })
         }
         Outcome::BudgetExhausted(rep) => {
+            let tail = ex.trace().tail(RECENT * 8);
             let mut points: Vec<String> = rep
                 .pending
                 .iter()
-                .map(|(_, p, w)| match w {
+                .map(|(t, p, w)| match w {
                     Some(w) => wait_name(*w, &objs),
-                    None => PointDisplay {
-                        point: p,
-                        obj_names: &objs,
-                    }
-                    .to_string(),
+                    None => loop_name(&tail, *t).unwrap_or_else(|| {
+                        PointDisplay {
+                            point: p,
+                            obj_names: &objs,
+                        }
+                        .to_string()
+                    }),
                 })
                 .collect();
             let tasks: Vec<String> = rep

@@ -116,6 +116,8 @@ pub enum MemEvent {
 pub struct KvmInjected {
     /// KVM_SET_MEMORY_ATTRIBUTES skips zapping the old mappings.
     pub skip_convert_zap: bool,
+    /// vcpu_enter_guest enters without publishing IN_GUEST_MODE, so kicks miss the vCPU.
+    pub skip_in_guest_mode: bool,
 }
 
 /// One vCPU (`struct kvm_vcpu` + `struct vcpu_tdx`).
@@ -129,6 +131,9 @@ pub struct Vcpu {
     /// `vcpu_tdx->state == VCPU_TD_STATE_INITIALIZED`.
     pub initialized: bool,
     pub mode: GuestMode,
+    /// Guest-mode exits so far: a kick is acknowledged once the vCPU has left guest mode after
+    /// it (the IPI was taken), whatever it does next.
+    pub exits: u64,
     pub requests: u32,
     /// `mmu->root.hpa` (direct) and `mmu->mirror_root_hpa`.
     pub root: Option<SpId>,
@@ -335,6 +340,7 @@ impl Kvm {
             tdcx: Vec::new(),
             initialized: false,
             mode: GuestMode::OutsideGuest,
+            exits: 0,
             requests: 0,
             root: None,
             mirror_root: None,

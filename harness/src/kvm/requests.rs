@@ -70,16 +70,17 @@ impl Kvm {
     /// (IN_GUEST_MODE -> EXITING_GUEST_MODE, the IPI), and for KVM_REQUEST_WAIT requests wait
     /// until every kicked vCPU has left guest mode.
     pub async fn make_all_cpus_request(&self, cx: &Ctx, req: Request) {
-        let kicked: Vec<usize> = {
+        // (vCPU, exits at kick time) for every vCPU in or entering guest mode.
+        let kicked: Vec<(usize, u64)> = {
             let mut st = self.st.borrow_mut();
             let mut k = Vec::new();
             for (i, v) in st.vcpus.iter_mut().enumerate() {
                 v.requests |= req.bit();
                 if v.mode == GuestMode::InGuest {
                     v.mode = GuestMode::ExitingGuest;
-                    k.push(i);
-                } else if v.mode == GuestMode::ExitingGuest {
-                    k.push(i);
+                }
+                if v.mode == GuestMode::ExitingGuest {
+                    k.push((i, v.exits));
                 }
             }
             k
@@ -90,12 +91,12 @@ impl Kvm {
             kicked.len() as u64,
         );
         if req.waits() && !kicked.is_empty() {
+            // smp_call_function_many(wait): every kicked CPU has taken the IPI, i.e. its vCPU
+            // left guest mode at least once since the kick.
             self.ipi_ack
                 .wait_until(cx, || {
                     let st = self.st.borrow();
-                    kicked
-                        .iter()
-                        .all(|i| st.vcpus[*i].mode == GuestMode::OutsideGuest)
+                    kicked.iter().all(|(i, n)| st.vcpus[*i].exits > *n)
                 })
                 .await;
         }

@@ -92,7 +92,9 @@ impl Kvm {
             self.check_request(v, Request::TlbFlush);
         }
         self.kvm_mmu_reload(cx, v)?;
-        self.st.borrow_mut().vcpus[v].mode = GuestMode::InGuest;
+        if !self.st.borrow().injected.skip_in_guest_mode {
+            self.st.borrow_mut().vcpus[v].mode = GuestMode::InGuest;
+        }
         let idx = self.st.borrow_mut().vcpus[v]
             .srcu
             .take()
@@ -108,7 +110,11 @@ impl Kvm {
         } else {
             self.tdx_vcpu_run(cx, v).await
         };
-        self.st.borrow_mut().vcpus[v].mode = GuestMode::OutsideGuest;
+        {
+            let mut st = self.st.borrow_mut();
+            st.vcpus[v].mode = GuestMode::OutsideGuest;
+            st.vcpus[v].exits += 1;
+        }
         self.ipi_ack.wake_all(cx);
         let idx = self.srcu.read_lock_now(cx);
         self.st.borrow_mut().vcpus[v].srcu = Some(idx);

@@ -43,24 +43,58 @@ struct Raw {
     destroy: bool,
 }
 
-fn guest(r: &RawGuest) -> GuestStep {
-    match *r {
-        RawGuest::Accept(g) => GuestStep::Accept { gfn: gfn(g) },
-        RawGuest::Read(g, shared) => GuestStep::Read {
-            gfn: gfn(g),
-            shared,
-        },
-        RawGuest::Write(g, shared, v) => GuestStep::Write {
-            gfn: gfn(g),
-            shared,
-            value: u64::from(v) + 1,
-        },
-        RawGuest::MapGpa(g, private) => GuestStep::MapGpa {
-            gfn: gfn(g),
-            npages: 1,
-            private,
-        },
+/// A vCPU's program from raw ops, as a well-behaved guest writes it: vCPU `v` of `vcpus` only
+/// touches its own pages (they share 4K tables and 2M regions with the other vCPU's, so the
+/// MMU races stay), and it converts a page with MapGPA before using it the other way (a guest
+/// that uses one page as private and shared at once makes the VMM convert it back and forth
+/// forever; that livelock is the guest's, not KVM's).
+fn guest_program(raw: &[RawGuest], v: u8, vcpus: u8) -> Vec<GuestStep> {
+    let own = |i: u8| {
+        let n = GFNS.len() as u8 / vcpus;
+        gfn(v + vcpus * (i % n))
+    };
+    let mut private: std::collections::BTreeMap<Gfn, bool> = std::collections::BTreeMap::new();
+    let mut out = Vec::new();
+    let mut want = |out: &mut Vec<GuestStep>, g: Gfn, p: bool| {
+        let cur = private.entry(g).or_insert(true);
+        if *cur != p {
+            *cur = p;
+            out.push(GuestStep::MapGpa {
+                gfn: g,
+                npages: 1,
+                private: p,
+            });
+        }
+    };
+    for r in raw {
+        if out.len() >= MAX_TASK_OPS - 1 {
+            break;
+        }
+        match *r {
+            RawGuest::Accept(g) => {
+                let g = own(g);
+                want(&mut out, g, true);
+                out.push(GuestStep::Accept { gfn: g });
+            }
+            RawGuest::Read(g, shared) => {
+                let g = own(g);
+                want(&mut out, g, !shared);
+                out.push(GuestStep::Read { gfn: g, shared });
+            }
+            RawGuest::Write(g, shared, val) => {
+                let g = own(g);
+                want(&mut out, g, !shared);
+                out.push(GuestStep::Write {
+                    gfn: g,
+                    shared,
+                    value: u64::from(val) + 1,
+                });
+            }
+            RawGuest::MapGpa(g, p) => want(&mut out, own(g), p),
+        }
     }
+    out.truncate(MAX_TASK_OPS);
+    out
 }
 
 fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
@@ -109,7 +143,7 @@ pub fn decode(data: &[u8]) -> Scenario {
     for (i, g) in raw.guest.iter().enumerate().take(usize::from(vcpus)) {
         tasks.push(Task {
             name: TaskName::Vcpu(i as u8),
-            ops: TaskOps::Guest(g.iter().take(MAX_TASK_OPS).map(guest).collect()),
+            ops: TaskOps::Guest(guest_program(g, i as u8, vcpus)),
         });
     }
     let mut v: Vec<VmmOp> = raw

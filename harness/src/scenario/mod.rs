@@ -45,6 +45,8 @@ pub enum VmmOp {
     AllocFail { n: u8 },
     /// Fault injection (a kernel bug): KVM_SET_MEMORY_ATTRIBUTES stops zapping old mappings.
     InjectSkipConvertZap,
+    /// Fault injection (a kernel bug): vCPUs enter the guest without IN_GUEST_MODE.
+    InjectSkipInGuestMode,
     /// Stop the vCPUs and destroy the VM (waits for every vCPU thread first).
     Destroy,
 }

@@ -124,6 +124,7 @@ fn vmm_op(op: &VmmOp) -> String {
         VmmOp::ZeroStep { vcpu, gfn } => format!("zero_step vcpu{vcpu} {}", hex(gfn.raw())),
         VmmOp::AllocFail { n } => format!("alloc_fail {n}"),
         VmmOp::InjectSkipConvertZap => "inject_skip_convert_zap".into(),
+        VmmOp::InjectSkipInGuestMode => "inject_skip_in_guest_mode".into(),
         VmmOp::Destroy => "destroy".into(),
     }
 }
@@ -298,13 +299,14 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
         "zero_step" => (VmmOp::ZeroStep { vcpu: l.vcpu(1, vcpus)?, gfn: l.gfn(2)? }, 3),
         "alloc_fail" => (VmmOp::AllocFail { n: l.num(1, "a count", 16)? as u8 }, 2),
         "inject_skip_convert_zap" => (VmmOp::InjectSkipConvertZap, 1),
+        "inject_skip_in_guest_mode" => (VmmOp::InjectSkipInGuestMode, 1),
         "destroy" => (VmmOp::Destroy, 1),
         other => {
             return Err(l.err(
                 c,
                 format!(
                     "unknown VMM op `{other}` (expected convert, delete_slot, create_slot, punch_hole, prefault, \
-                     signal, interrupt, zap_all_fast, zero_step, alloc_fail, inject_skip_convert_zap or destroy)"
+                     signal, interrupt, zap_all_fast, zero_step, alloc_fail, inject_skip_convert_zap, inject_skip_in_guest_mode or destroy)"
                 ),
             ))
         }

@@ -459,6 +459,11 @@ impl Kvm {
         let leaves = self.st.borrow().mmu.leaves(root, start, end);
         let flush = !leaves.is_empty();
         for (sp, idx, _, gfn, _) in leaves {
+            // An earlier removal hook yielded; a table torn down meanwhile has nothing left to
+            // zap (the kernel's iterator holds a root reference and RCU keeps the pages).
+            if !self.st.borrow().mmu.sps.contains_key(&sp) {
+                continue;
+            }
             // Re-read: an earlier hook may have yielded, but nothing else writes under the
             // write lock.
             self.tdp_mmu_set_spte(cx, sp, idx, gfn, Spte::NONPRESENT)
@@ -494,6 +499,10 @@ impl Kvm {
         };
         let mut flush = false;
         for r in roots {
+            // The root may have been freed while an earlier root's hooks yielded.
+            if !self.st.borrow().mmu.sps.contains_key(&r) {
+                continue;
+            }
             flush |= self.tdp_mmu_zap_leafs(cx, r, start, end).await;
         }
         flush

@@ -624,6 +624,12 @@ impl Kvm {
             let r = self
                 .kvm_mmu_page_fault(cx, v, gpa, true, false, private)
                 .await?;
+            if r == RetPf::Emulate && !private {
+                // No memslot: KVM installs an MMIO SPTE (suppress-#VE clear); the guest's next
+                // access takes #VE and asks for MMIO emulation with a TDVMCALL.
+                self.st.borrow_mut().vcpus[v].guest.mmio_pending = true;
+                return Ok(1);
+            }
             if r != RetPf::Retry || !local_retry {
                 return Ok(1);
             }
