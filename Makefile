@@ -11,7 +11,7 @@ FUZZ_SECONDS ?= 20
 ## The main job: build and run a campaign with a live status line; findings in artifacts/.
 fuzz: tools
 	$(CARGO) build --release
-	./target/release/tdxfuzz fuzz --seconds $(SECONDS)
+	./target/release/tdxfuzz fuzz --target stack --policy upstream --seconds $(SECONDS)
 
 ## The tests: formatting, lints, the test suite, and a short libFuzzer run of each target.
 test: tools lint unit fuzz-smoke
@@ -42,7 +42,7 @@ fuzz-smoke: fuzz-tools
 
 bench:
 	$(CARGO) build --release
-	./target/release/tdxfuzz bench --scheduler
+	./target/release/tdxfuzz bench --scheduler --stack
 
 clean:
 	$(CARGO) clean
