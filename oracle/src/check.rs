@@ -7,12 +7,9 @@ use std::rc::Rc;
 
 use harness::run::{prepare, Run, RunConfig};
 use harness::scenario::Scenario;
-use harness::sched::{Outcome, PointDisplay};
+use harness::sched::Outcome;
 
 use crate::{Violation, ViolationKind};
-
-/// Trace events a violation carries.
-const RECENT: usize = 24;
 
 /// What a per-step check found: kind, location, signature key, detail.
 type Found = (ViolationKind, &'static str, String, String);
@@ -42,25 +39,7 @@ pub fn stable(s: &str) -> String {
 }
 
 fn recent(run: &Run) -> Vec<String> {
-    let names = run.stack.ex.task_names();
-    let objs = run.stack.ex.obj_names();
-    run.stack
-        .ex
-        .trace()
-        .tail(RECENT)
-        .iter()
-        .map(|ev| {
-            format!(
-                "{:>6} {:<10} {}",
-                ev.step,
-                names[ev.task.0 as usize],
-                PointDisplay {
-                    point: &ev.point,
-                    obj_names: &objs
-                }
-            )
-        })
-        .collect()
+    crate::liveness::recent(&run.stack.ex)
 }
 
 fn violation(

@@ -8,7 +8,8 @@ use crate::{Violation, ViolationKind};
 /// Number of trace events a violation carries.
 pub const RECENT: usize = 24;
 
-fn recent(ex: &Executor) -> Vec<String> {
+/// The last RECENT trace events as timeline lines (the evidence a violation carries).
+pub fn recent(ex: &Executor) -> Vec<String> {
     let names = ex.task_names();
     let objs = ex.obj_names();
     ex.trace()

@@ -42,6 +42,48 @@ impl ModuleState {
     fn tracking_required(&self, tdr: Pfn, state: SeptState) -> bool {
         self.td(tdr).op_state == OpState::Runnable && state.tlb_tracking_required()
     }
+
+    /// The common prologue of the S-EPT leaves: the TDR (explicit, shared), the build-state
+    /// gate with the OP_STATE lock, then `verify_page_info_input` over `[min, max]`.
+    #[allow(clippy::too_many_arguments)]
+    fn sept_prologue(
+        &mut self,
+        g: &mut Guard,
+        tdr: Pfn,
+        leaf: Leaf,
+        gpa: Gpa,
+        level: PgLevel,
+        min: PgLevel,
+        max: PgLevel,
+    ) -> SeamResult<()> {
+        self.explicit_page(g, tdr, Operand::Rdx, PageType::Tdr)?;
+        self.gate(g, tdr, leaf, true)?;
+        if !page_info_ok(gpa, level, min, max) {
+            return Err(SeamErr::with(Code::OperandInvalid, Operand::Rcx));
+        }
+        Ok(())
+    }
+
+    /// When tracking applies: the entry must be blocked (REMOVE, SEPT.REMOVE; `must_be_blocked`)
+    /// and the block epoch recorded in `pfn`'s PAMT entry tracked (`is_tlb_and_iotlb_tracked`).
+    fn check_blocked_and_tracked(
+        &self,
+        tdr: Pfn,
+        w: &Walk,
+        pfn: Pfn,
+        must_be_blocked: bool,
+    ) -> SeamResult<()> {
+        if !self.tracking_required(tdr, w.state) {
+            return Ok(());
+        }
+        if must_be_blocked && !w.state.is_blocked() {
+            return Err(SeamErr::with(Code::GpaRangeNotBlocked, Operand::Rcx).details(w.details()));
+        }
+        if !self.is_tlb_tracked(tdr, self.pamt.get(pfn).bepoch) {
+            return Err(SeamErr::with(Code::TlbTrackingNotDone, Operand::Rcx));
+        }
+        Ok(())
+    }
 }
 
 fn incorrect(w: &Walk) -> SeamErr {
@@ -119,11 +161,15 @@ impl TdxModule {
             cx,
             Leaf::MemSeptAdd,
             |st, g| {
-                st.explicit_page(g, tdr, Operand::Rdx, PageType::Tdr)?;
-                st.gate(g, tdr, Leaf::MemSeptAdd, true)?;
-                if !page_info_ok(gpa, level, PgLevel::L2M, PgLevel::L512G) {
-                    return Err(SeamErr::with(Code::OperandInvalid, Operand::Rcx));
-                }
+                st.sept_prologue(
+                    g,
+                    tdr,
+                    Leaf::MemSeptAdd,
+                    gpa,
+                    level,
+                    PgLevel::L2M,
+                    PgLevel::L512G,
+                )?;
                 let w = st.walk_and_lock_entry(g, tdr, gpa, level)?;
                 // FREE gets a new table; NL_MAPPED would need `allow_existing`, which KVM never
                 // passes.
@@ -167,11 +213,15 @@ impl TdxModule {
             cx,
             Leaf::MemPageAug,
             |st, g| {
-                st.explicit_page(g, tdr, Operand::Rdx, PageType::Tdr)?;
-                st.gate(g, tdr, Leaf::MemPageAug, true)?;
-                if !page_info_ok(gpa, level, PgLevel::L4K, PgLevel::L2M) {
-                    return Err(SeamErr::with(Code::OperandInvalid, Operand::Rcx));
-                }
+                st.sept_prologue(
+                    g,
+                    tdr,
+                    Leaf::MemPageAug,
+                    gpa,
+                    level,
+                    PgLevel::L4K,
+                    PgLevel::L2M,
+                )?;
                 let w = st.walk_and_lock_entry(g, tdr, gpa, level)?;
                 if !matches!(w.state, SeptState::Free | SeptState::Removed) {
                     return Err(incorrect(&w));
@@ -226,11 +276,15 @@ impl TdxModule {
             cx,
             Leaf::MemRangeBlock,
             |st, g| {
-                st.explicit_page(g, tdr, Operand::Rdx, PageType::Tdr)?;
-                st.gate(g, tdr, Leaf::MemRangeBlock, true)?;
-                if !page_info_ok(gpa, level, PgLevel::L4K, PgLevel::L512G) {
-                    return Err(SeamErr::with(Code::OperandInvalid, Operand::Rcx));
-                }
+                st.sept_prologue(
+                    g,
+                    tdr,
+                    Leaf::MemRangeBlock,
+                    gpa,
+                    level,
+                    PgLevel::L4K,
+                    PgLevel::L512G,
+                )?;
                 let w = st.walk_and_lock_entry(g, tdr, gpa, level)?;
                 match w.state {
                     SeptState::NlMapped | SeptState::Mapped | SeptState::Pending => Ok(w),
@@ -300,27 +354,22 @@ impl TdxModule {
             cx,
             Leaf::MemPageRemove,
             |st, g| {
-                st.explicit_page(g, tdr, Operand::Rdx, PageType::Tdr)?;
-                st.gate(g, tdr, Leaf::MemPageRemove, true)?;
-                if !page_info_ok(gpa, level, PgLevel::L4K, PgLevel::L1G) {
-                    return Err(SeamErr::with(Code::OperandInvalid, Operand::Rcx));
-                }
+                st.sept_prologue(
+                    g,
+                    tdr,
+                    Leaf::MemPageRemove,
+                    gpa,
+                    level,
+                    PgLevel::L4K,
+                    PgLevel::L1G,
+                )?;
                 let w = st.walk_and_lock_entry(g, tdr, gpa, level)?;
                 if !w.state.is_leaf() {
                     return Err(incorrect(&w));
                 }
                 let e = w.entry.expect("leaf present");
                 g.take(&mut st.locks, LockKey::Pamt(e.pfn))?;
-                if st.tracking_required(tdr, w.state) {
-                    if !matches!(w.state, SeptState::Blocked | SeptState::PendingBlocked) {
-                        return Err(SeamErr::with(Code::GpaRangeNotBlocked, Operand::Rcx)
-                            .details(w.details()));
-                    }
-                    let bepoch = st.pamt.get(e.pfn).bepoch;
-                    if !st.is_tlb_tracked(tdr, bepoch) {
-                        return Err(SeamErr::with(Code::TlbTrackingNotDone, Operand::Rcx));
-                    }
-                }
+                st.check_blocked_and_tracked(tdr, &w, e.pfn, true)?;
                 Ok((w.base, e.pfn))
             },
             |st, host, (base, pfn): (Gfn, Pfn), step| {
@@ -349,27 +398,22 @@ impl TdxModule {
             cx,
             Leaf::MemSeptRemove,
             |st, g| {
-                st.explicit_page(g, tdr, Operand::Rdx, PageType::Tdr)?;
-                st.gate(g, tdr, Leaf::MemSeptRemove, true)?;
-                if !page_info_ok(gpa, level, PgLevel::L2M, PgLevel::L512G) {
-                    return Err(SeamErr::with(Code::OperandInvalid, Operand::Rcx));
-                }
+                st.sept_prologue(
+                    g,
+                    tdr,
+                    Leaf::MemSeptRemove,
+                    gpa,
+                    level,
+                    PgLevel::L2M,
+                    PgLevel::L512G,
+                )?;
                 let w = st.walk_and_lock_entry(g, tdr, gpa, level)?;
                 if !matches!(w.state, SeptState::NlMapped | SeptState::NlBlocked) {
                     return Err(incorrect(&w));
                 }
                 let child = w.entry.expect("non-leaf present").pfn;
                 g.take(&mut st.locks, LockKey::Pamt(child))?;
-                if st.tracking_required(tdr, w.state) {
-                    if w.state != SeptState::NlBlocked {
-                        return Err(SeamErr::with(Code::GpaRangeNotBlocked, Operand::Rcx)
-                            .details(w.details()));
-                    }
-                    let bepoch = st.pamt.get(child).bepoch;
-                    if !st.is_tlb_tracked(tdr, bepoch) {
-                        return Err(SeamErr::with(Code::TlbTrackingNotDone, Operand::Rcx));
-                    }
-                }
+                st.check_blocked_and_tracked(tdr, &w, child, true)?;
                 let lower = level.lower().expect("level >= 2M");
                 if !st.td(tdr).sept.table_is_free(lower, w.base) {
                     return Err(
@@ -401,22 +445,21 @@ impl TdxModule {
             cx,
             Leaf::MemRangeUnblock,
             |st, g| {
-                st.explicit_page(g, tdr, Operand::Rdx, PageType::Tdr)?;
-                st.gate(g, tdr, Leaf::MemRangeUnblock, true)?;
-                if !page_info_ok(gpa, level, PgLevel::L4K, PgLevel::L512G) {
-                    return Err(SeamErr::with(Code::OperandInvalid, Operand::Rcx));
-                }
+                st.sept_prologue(
+                    g,
+                    tdr,
+                    Leaf::MemRangeUnblock,
+                    gpa,
+                    level,
+                    PgLevel::L4K,
+                    PgLevel::L512G,
+                )?;
                 let w = st.walk_and_lock_entry(g, tdr, gpa, level)?;
                 if !w.state.is_blocked() {
                     return Err(incorrect(&w));
                 }
                 let e = w.entry.expect("blocked entries are present");
-                if st.tracking_required(tdr, w.state) {
-                    let bepoch = st.pamt.get(e.pfn).bepoch;
-                    if !st.is_tlb_tracked(tdr, bepoch) {
-                        return Err(SeamErr::with(Code::TlbTrackingNotDone, Operand::Rcx));
-                    }
-                }
+                st.check_blocked_and_tracked(tdr, &w, e.pfn, false)?;
                 Ok((w.base, e))
             },
             |st, _, (base, mut e): (Gfn, SeptEntry), _| {
