@@ -33,3 +33,11 @@ fn scheduler_corpus_replays() {
         let _ = oracle::targets::scheduler(&data);
     }
 }
+
+#[test]
+fn stack_corpus_has_no_new_findings() {
+    for (name, data) in inputs("stack") {
+        let v = oracle::targets::stack_new_findings(harness::policy::Policy::UPSTREAM, &data);
+        assert!(v.is_none(), "{name}: {}", v.unwrap());
+    }
+}
