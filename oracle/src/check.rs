@@ -55,7 +55,15 @@ fn violation(
         key,
         detail,
         step: run.stack.ex.steps(),
-        tasks: Vec::new(),
+        // The task that made the last step: the one that tripped a per-step check.
+        tasks: run
+            .stack
+            .ex
+            .trace()
+            .tail(1)
+            .iter()
+            .map(|ev| run.stack.ex.task_names()[ev.task.0 as usize].clone())
+            .collect(),
         recent: recent(run),
     }
 }
