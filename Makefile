@@ -42,7 +42,7 @@ fuzz-smoke: fuzz-tools
 
 bench:
 	$(CARGO) build --release
-	./target/release/tdxfuzz bench --scheduler --stack
+	./target/release/tdxfuzz bench --scheduler --stack --sept
 
 clean:
 	$(CARGO) clean

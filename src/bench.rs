@@ -73,3 +73,216 @@ pub fn stack() {
         steps as f64 / secs / 1e6
     );
 }
+
+/// What one design cost on the `--sept` workload.
+struct SeptCost {
+    /// TDH.* SEAMCALLs issued (successful or not) in each phase: build, guest, conversions,
+    /// re-accept, teardown.
+    seamcalls: [usize; 5],
+    /// Host pages in use at the peak (ledger census, every step).
+    peak_pages: usize,
+    /// Private EPT violations KVM handled (`kvm_tdp_mmu_page_fault` on a private GPA).
+    private_faults: usize,
+    /// Steps from the start to the end of each KVM_SET_MEMORY_ATTRIBUTES: to shared, to private.
+    to_shared: Vec<u64>,
+    to_private: Vec<u64>,
+    steps: u64,
+    /// The oracle's findings (guest memory, S-EPT sync, bugs, ownership after teardown).
+    violations: Vec<String>,
+}
+
+/// TDH.* notes in the trace so far (one per SEAMCALL, whatever its status).
+fn seamcalls(ex: &Executor) -> usize {
+    ex.trace()
+        .events()
+        .filter(|e| matches!(e.point, harness::sched::Point::Note { what, .. } if what.starts_with("TDH.")))
+        .count()
+}
+
+/// Runs the `--sept` workload under `policy`: build a 2-vCPU TD; vCPU 0 accepts, writes and
+/// reads gfns 0x10..0x18 and vCPU 1 gfns 0x200..0x208; the VMM converts 0x10..0x14 to shared
+/// one page at a time, then back to private, while vCPU 1 keeps reading its pages; vCPU 0
+/// accepts the four again and reads them (zero); teardown.
+fn sept_workload(policy: harness::policy::Policy) -> SeptCost {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    use harness::addr::{Gfn, Gpa};
+    use harness::guest::{GuestOp, GuestProgram};
+    use harness::stack::{Stack, GUEST_PAGES};
+
+    let pages = 700 + GUEST_PAGES as usize;
+    let mut s = Stack::new(policy, pages, TraceMode::Full);
+    s.build_runnable(2);
+    let host = s.host.clone();
+    let mut peak = host.borrow().ledger.census().in_use;
+    let mut marks = vec![seamcalls(&s.ex)];
+    let gpa = |g: u64| Gpa::new(g << 12);
+    let touch = |base: u64| {
+        let mut ops = Vec::new();
+        for g in base..base + 8 {
+            ops.push(GuestOp::Accept { gpa: gpa(g) });
+            ops.push(GuestOp::Write {
+                gpa: gpa(g),
+                value: 0x1000 + g,
+            });
+            ops.push(GuestOp::Read { gpa: gpa(g) });
+        }
+        GuestProgram::new(ops)
+    };
+    // A vCPU's next program continues its old one (the oracle replays every observation).
+    let then = |s: &Stack, v: usize, ops: Vec<GuestOp>| {
+        let mut p = s.kvm.st.borrow().vcpus[v].guest.clone();
+        p.ops.extend(ops);
+        p
+    };
+    let mut run = |s: &mut Stack| {
+        let limit = s.ex.steps() + 2_000_000;
+        let out = s.ex.run(&mut RoundRobin::new(), limit, &mut |_| {
+            peak = peak.max(host.borrow().ledger.census().in_use);
+            true
+        });
+        assert_eq!(out, Outcome::AllDone, "the --sept workload must finish");
+        seamcalls(&s.ex)
+    };
+    // Guest: 16 pages accepted and touched.
+    s.spawn_vcpu(0, touch(0x10));
+    s.spawn_vcpu(1, touch(0x200));
+    marks.push(run(&mut s));
+    // Conversions, with vCPU 1 in the guest reading its pages.
+    let reads: Vec<GuestOp> = (0..256)
+        .map(|i| GuestOp::Read {
+            gpa: gpa(0x200 + i % 8),
+        })
+        .collect();
+    let p = then(&s, 1, reads);
+    s.spawn_vcpu(1, p);
+    let lat: Rc<RefCell<Vec<(bool, u64)>>> = Rc::default();
+    let l = lat.clone();
+    s.spawn("vmm", move |cx, kvm| async move {
+        for private in [false, true] {
+            for g in 0x10..0x14 {
+                let start = cx.step();
+                kvm.set_memory_attributes(&cx, Gfn::new(g), Gfn::new(g + 1), private)
+                    .await
+                    .expect("KVM_SET_MEMORY_ATTRIBUTES");
+                l.borrow_mut().push((private, cx.step() - start));
+            }
+        }
+    });
+    marks.push(run(&mut s));
+    // The guest accepts the converted pages again.
+    let mut ops = Vec::new();
+    for g in 0x10..0x14 {
+        ops.push(GuestOp::Accept { gpa: gpa(g) });
+        ops.push(GuestOp::Read { gpa: gpa(g) });
+    }
+    let p = then(&s, 0, ops);
+    s.spawn_vcpu(0, p);
+    marks.push(run(&mut s));
+    let mut violations = oracle::sept_sync::check(&s.kvm, true);
+    // Teardown.
+    s.spawn(
+        "destroy",
+        |cx, kvm| async move { kvm.destroy_vm(&cx).await },
+    );
+    marks.push(run(&mut s));
+    let kvm = &s.kvm;
+    violations.extend(oracle::guest_memory::check(kvm, &[]));
+    violations.extend(
+        kvm.st
+            .borrow()
+            .bugs
+            .iter()
+            .map(|b| format!("{}: {}", b.location, b.what)),
+    );
+    violations.extend(oracle::ownership::check(
+        &kvm.module.state(),
+        &s.host.borrow(),
+        true,
+    ));
+    violations.extend(s.host.borrow().refused.iter().map(|(_, e)| e.to_string()));
+    for v in 0..2 {
+        if kvm.st.borrow().vcpus[v].guest.pc != kvm.st.borrow().vcpus[v].guest.ops.len() {
+            violations.push(format!("vcpu{v} did not finish its program"));
+        }
+    }
+    let lat = lat.borrow();
+    let private_faults =
+        s.ex.trace()
+            .events()
+            .filter(|e| {
+                matches!(e.point, harness::sched::Point::YieldArg("kvm_tdp_mmu_page_fault", a)
+                if !Gpa::new(a).is_shared())
+            })
+            .count();
+    SeptCost {
+        seamcalls: [
+            marks[0],
+            marks[1] - marks[0],
+            marks[2] - marks[1],
+            marks[3] - marks[2],
+            marks[4] - marks[3],
+        ],
+        peak_pages: peak,
+        private_faults,
+        to_shared: lat.iter().filter(|(p, _)| !p).map(|(_, n)| *n).collect(),
+        to_private: lat.iter().filter(|(p, _)| *p).map(|(_, n)| *n).collect(),
+        steps: s.ex.steps(),
+        violations,
+    }
+}
+
+/// `avg/max` of step counts.
+fn avg_max(v: &[u64]) -> String {
+    let max = v.iter().copied().max().unwrap_or(0);
+    let avg = v.iter().sum::<u64>() as f64 / v.len().max(1) as f64;
+    format!("{avg:.0}/{max}")
+}
+
+/// `tdxfuzz bench --sept`: upstream's mirror-root S-EPT against seed 001's S-EPT off to the
+/// side (`sept_off_to_side`) on one workload: SEAMCALLs per phase, peak host pages, conversion
+/// latency in scheduler steps, and the oracle's verdict.
+pub fn sept() {
+    println!(
+        "sept: 2 vCPUs accept and touch 16 pages; the VMM converts 4 pages to shared and back \
+         (one KVM_SET_MEMORY_ATTRIBUTES each, vCPU 1 in the guest); vCPU 0 re-accepts them; \
+         teardown. Memslot of {} pages.",
+        harness::stack::GUEST_PAGES
+    );
+    println!(
+        "{:<17} {:>9} {:>30} {:>10} {:>8} {:>14} {:>14} {:>8}  violation",
+        "policy",
+        "SEAMCALLs",
+        "build/guest/convert/accept/down",
+        "peak pages",
+        "pv flts",
+        "to-shared a/m",
+        "to-private a/m",
+        "steps"
+    );
+    for name in ["upstream", "sept_off_to_side"] {
+        let policy = harness::policy::Policy::by_name(name).expect("policy");
+        let c = sept_workload(policy);
+        let phases = c
+            .seamcalls
+            .iter()
+            .map(|n| n.to_string())
+            .collect::<Vec<_>>()
+            .join("/");
+        let verdict = c
+            .violations
+            .first()
+            .cloned()
+            .unwrap_or_else(|| "none".into());
+        println!(
+            "{name:<17} {:>9} {phases:>30} {:>10} {:>8} {:>14} {:>14} {:>8}  {verdict}",
+            c.seamcalls.iter().sum::<usize>(),
+            c.peak_pages,
+            c.private_faults,
+            avg_max(&c.to_shared),
+            avg_max(&c.to_private),
+            c.steps,
+        );
+    }
+}

@@ -84,6 +84,10 @@ enum Cmd {
         /// Whole-stack executions per second on random scenarios.
         #[arg(long)]
         stack: bool,
+        /// Upstream's mirror-root S-EPT against seed 001's S-EPT off to the side: SEAMCALLs,
+        /// peak host pages, conversion latency in steps, on one workload.
+        #[arg(long)]
+        sept: bool,
     },
 }
 
@@ -149,10 +153,11 @@ fn real_main() -> Result<ExitCode> {
             scheduler,
             rounds,
             stack,
+            sept,
         } => {
-            if !scheduler && !stack {
+            if !scheduler && !stack && !sept {
                 return Err(anyhow!(
-                    "nothing to benchmark: pass --scheduler and/or --stack"
+                    "nothing to benchmark: pass --scheduler, --stack and/or --sept"
                 ));
             }
             if scheduler {
@@ -160,6 +165,9 @@ fn real_main() -> Result<ExitCode> {
             }
             if stack {
                 bench::stack();
+            }
+            if sept {
+                bench::sept();
             }
             Ok(ExitCode::SUCCESS)
         }

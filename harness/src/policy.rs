@@ -39,6 +39,10 @@ pub struct Policy {
     pub reclaim_in_order: bool,
     /// Reclaimed pages are cleared (MOVDIR64B) before they go back to the kernel.
     pub clear_after_reclaim: bool,
+    /// Seed 001's alternative design: KVM keeps the S-EPT off to the side of the TDP MMU, fully
+    /// populated under one lock (`sept_lock`) at finalize, on conversions and memslot changes,
+    /// and never faulted; the mirror root is not used (see `kvm::vmx::sept_off_to_side`).
+    pub sept_off_to_side: bool,
 }
 
 impl Policy {
@@ -55,11 +59,12 @@ impl Policy {
         track_before_remove: true,
         reclaim_in_order: true,
         clear_after_reclaim: true,
+        sept_off_to_side: false,
     };
 
     /// Every named policy with the invariant it is expected to break (`none` for a correct
     /// alternative measured for cost).
-    pub const ALL: [(Policy, &'static str); 13] = [
+    pub const ALL: [(Policy, &'static str); 14] = [
         (Policy::UPSTREAM, "none"),
         (
             Policy {
@@ -157,10 +162,17 @@ impl Policy {
             },
             "page_ownership",
         ),
+        (
+            Policy {
+                name: "sept_off_to_side",
+                sept_off_to_side: true,
+                ..Policy::UPSTREAM
+            },
+            "none",
+        ),
     ];
 
-    /// A policy by name. (`sept_off_to_side`, seed 001's alternative design, is not modelled
-    /// yet.)
+    /// A policy by name.
     pub fn by_name(name: &str) -> Option<Policy> {
         Self::ALL
             .iter()
@@ -195,6 +207,7 @@ mod tests {
                 p.track_before_remove != Policy::UPSTREAM.track_before_remove,
                 p.reclaim_in_order != Policy::UPSTREAM.reclaim_in_order,
                 p.clear_after_reclaim != Policy::UPSTREAM.clear_after_reclaim,
+                p.sept_off_to_side != Policy::UPSTREAM.sept_off_to_side,
             ];
             assert_eq!(diff.iter().filter(|d| **d).count(), 1, "{}", p.name);
         }

@@ -30,13 +30,21 @@ pub struct RunConfig {
 }
 
 impl RunConfig {
+    /// The default bounds. Policy `sept_off_to_side` (seed 001) backs the whole memslot from
+    /// the start, and a memslot delete, create or teardown unmaps or maps all of it (about 8
+    /// steps a page, more while other tasks share the CPU): it gets the memory and the steps.
     pub fn new(policy: Policy, trace: TraceMode) -> Self {
+        let side_pages = if policy.sept_off_to_side {
+            crate::stack::GUEST_PAGES
+        } else {
+            0
+        };
         RunConfig {
             policy,
             trace,
             ops_budget: 20_000,
-            liveness_budget: 40_000,
-            host_pages: 700,
+            liveness_budget: 40_000 + 64 * side_pages,
+            host_pages: 700 + side_pages as usize,
         }
     }
 }

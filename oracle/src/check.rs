@@ -136,9 +136,14 @@ fn end_checks(sc: &Scenario, run: &Run) -> Option<Violation> {
     let quiescent = run.outcome == Outcome::AllDone;
     let bad = crate::sept_sync::check(kvm, quiescent);
     if let Some(b) = bad.first() {
+        let location = if kvm.policy.sept_off_to_side {
+            "sept_side vs S-EPT"
+        } else {
+            "tdp_mmu vs S-EPT"
+        };
         return Some(violation(
             ViolationKind::MirrorDesync,
-            "tdp_mmu vs S-EPT",
+            location,
             stable(b),
             b.clone(),
             run,

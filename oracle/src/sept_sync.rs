@@ -5,10 +5,14 @@
 //! reverse. A private leaf's pfn must be guest_memfd's page for that gfn. Frozen SPTEs are in
 //! flight and skipped, unless `quiescent`, where a frozen SPTE is itself a desync (a lost
 //! unfreeze).
+//!
+//! Under policy `sept_off_to_side` (seed 001) KVM keeps no mirror of private memory: the same
+//! comparison runs against its side record (`SeptSide`, tables and 4K leaves), and any private
+//! mapping in a mirror root is itself a desync (the design never faults private memory in).
 
 use harness::addr::{Gfn, PgLevel};
-use harness::kvm::Kvm;
-use harness::tdx_module::SeptState;
+use harness::kvm::{Kvm, KvmState};
+use harness::tdx_module::{SeptState, Td};
 
 /// Every disagreement, as readable lines.
 pub fn check(kvm: &Kvm, quiescent: bool) -> Vec<String> {
@@ -23,6 +27,9 @@ pub fn check(kvm: &Kvm, quiescent: bool) -> Vec<String> {
     if st.tdx.hkid.is_none() {
         // After the HKID is released the S-EPT is being torn down.
         return Vec::new();
+    }
+    if kvm.policy.sept_off_to_side {
+        return check_side(&st, td, quiescent);
     }
     let mut bad = Vec::new();
     let mirrors: Vec<_> = st
@@ -123,6 +130,91 @@ pub fn check(kvm: &Kvm, quiescent: bool) -> Vec<String> {
                 "S-EPT {level} {gfn} {:?} with no mirror SPTE",
                 e.state
             ));
+        }
+    }
+    bad
+}
+
+/// The seed 001 design's version of the check: KVM's side record against the S-EPT, both ways,
+/// with the same rules as the mirror (leaf states, pfns, guest_memfd pages, blocked leaves at a
+/// quiescent point, reverse only when quiescent); no mirror root may map private memory.
+fn check_side(st: &KvmState, td: &Td, quiescent: bool) -> Vec<String> {
+    let mut bad = Vec::new();
+    let side = &st.sept_side;
+    for root in st.mmu.roots.iter().filter(|r| st.mmu.get(**r).mirror) {
+        for (_, _, _, gfn, spte) in st.mmu.leaves(*root, Gfn::new(0), Gfn::new(u64::MAX >> 12)) {
+            bad.push(format!(
+                "mirror leaf {gfn} -> {} under sept_off_to_side (a private fault installed it)",
+                spte.pfn()
+            ));
+        }
+    }
+    for (&(level, gfn), &page) in &side.tables {
+        match td.sept.get(level, gfn) {
+            Some(e) if matches!(e.state, SeptState::NlMapped | SeptState::NlBlocked) => {
+                if e.pfn != page {
+                    bad.push(format!(
+                        "side table {level} {gfn}: S-EPT page {} but KVM added {page}",
+                        e.pfn
+                    ));
+                }
+            }
+            other => bad.push(format!(
+                "side table {level} {gfn} present, S-EPT {:?}",
+                other.map(|e| e.state)
+            )),
+        }
+    }
+    for (&gfn, &pfn) in &side.leaves {
+        match td.sept.get(PgLevel::L4K, gfn) {
+            Some(e)
+                if matches!(
+                    e.state,
+                    SeptState::Mapped
+                        | SeptState::Pending
+                        | SeptState::Blocked
+                        | SeptState::PendingBlocked
+                ) =>
+            {
+                if e.pfn != pfn {
+                    bad.push(format!("side leaf {gfn} -> {pfn}, S-EPT -> {}", e.pfn));
+                }
+                if quiescent && e.state.is_blocked() {
+                    bad.push(format!(
+                        "S-EPT leaf {gfn} left {:?} at a quiescent point",
+                        e.state
+                    ));
+                }
+            }
+            other => bad.push(format!(
+                "side leaf {gfn} present, S-EPT {:?}",
+                other.map(|e| e.state)
+            )),
+        }
+        let want = st
+            .memslots
+            .lookup(gfn)
+            .and_then(|s| s.gmem_index(gfn))
+            .and_then(|(f, i)| st.gmem.files.get(&f).and_then(|g| g.pages.get(&i)).copied());
+        if want != Some(pfn) {
+            bad.push(format!(
+                "side leaf {gfn} -> {pfn}, guest_memfd has {want:?}"
+            ));
+        }
+    }
+    if quiescent {
+        for (level, gfn, e) in td.sept.iter() {
+            let known = if e.state.is_leaf() {
+                level == PgLevel::L4K && side.leaves.contains_key(&gfn)
+            } else {
+                side.tables.contains_key(&(level, gfn))
+            };
+            if !known {
+                bad.push(format!(
+                    "S-EPT {level} {gfn} {:?} with no side record",
+                    e.state
+                ));
+            }
         }
     }
     bad

@@ -50,7 +50,9 @@ impl Kvm {
     /// `kvm_vm_set_mem_attributes` (KVM_SET_MEMORY_ATTRIBUTES): under slots_lock, an
     /// invalidation brackets the change; the pre-set pass zaps the old mapping type
     /// (`kvm_arch_pre_set_memory_attributes`: to private zaps shared mappings, to shared zaps
-    /// private ones through the S-EPT removal hook).
+    /// private ones through the S-EPT removal hook). Policy `sept_off_to_side` (seed 001)
+    /// unmaps a range going shared and changes its attributes under `sept_lock`, and maps a
+    /// range going private after its attributes change, inside the invalidation.
     pub async fn set_memory_attributes(
         &self,
         cx: &Ctx,
@@ -82,6 +84,15 @@ impl Kvm {
             }
             self.mmu_lock.write_unlock(cx).await;
         }
+        let side = intersects && self.policy.sept_off_to_side;
+        if side && !private {
+            // The range is unmapped and made shared under sept_lock, so that no punch-hole
+            // refill maps it again in between.
+            self.sept_lock.lock(cx).await;
+            if !self.st.borrow().injected.skip_convert_zap {
+                self.sept_side_unmap_range(cx, start, end).await;
+            }
+        }
         {
             let mut st = self.st.borrow_mut();
             st.attributes.set(start, end, private);
@@ -94,13 +105,21 @@ impl Kvm {
                 },
             ));
         }
+        if side && !private {
+            self.sept_lock.unlock(cx).await;
+        }
+        let r = if side && private {
+            self.sept_side_populate(cx, start, end, None).await
+        } else {
+            Ok(())
+        };
         if intersects {
             self.mmu_lock.write(cx).await;
             self.mmu_invalidate_end();
             self.mmu_lock.write_unlock(cx).await;
         }
         self.slots_lock.unlock(cx).await;
-        Ok(())
+        r
     }
 
     /// `kvm_mmu_invalidate_begin` + `kvm_mmu_invalidate_range_add` (mmu_lock held for write).

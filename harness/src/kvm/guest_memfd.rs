@@ -131,7 +131,8 @@ impl Kvm {
     /// `__kvm_gmem_invalidate_begin` (filemap invalidate lock held): for the bindings, take
     /// mmu_lock for write once, `kvm_mmu_invalidate_begin` with every binding's range added,
     /// and unmap each range from the private (mirror) roots, which removes the pages from the
-    /// S-EPT through the removal hook. Returns whether any binding was found.
+    /// S-EPT through the removal hook. Policy `sept_off_to_side` (seed 001) unmaps the ranges
+    /// under `sept_lock` instead. Returns whether any binding was found.
     pub async fn kvm_gmem_invalidate_begin(&self, cx: &Ctx, bindings: &[Binding]) -> bool {
         let (Some(lo), Some(hi)) = (
             bindings.iter().map(|b| b.start).min(),
@@ -151,6 +152,11 @@ impl Kvm {
         // No remote TLB flush here: for private mappings the removal hook's TRACK and kick
         // are the flush.
         self.mmu_lock.write_unlock(cx).await;
+        if self.policy.sept_off_to_side {
+            for b in bindings {
+                self.sept_side_unmap(cx, b.start, b.end).await;
+            }
+        }
         true
     }
 
@@ -191,7 +197,9 @@ impl Kvm {
 
     /// fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE) on a guest_memfd
     /// (`kvm_gmem_punch_hole`): under the inode's invalidate lock, zap every mapping of the
-    /// range (S-EPT removal included), free its pages, end the invalidation.
+    /// range (S-EPT removal included), free its pages, end the invalidation. Policy
+    /// `sept_off_to_side` (seed 001) refills the hole's private gfns with fresh pages before
+    /// the invalidation ends (nothing would fault them in).
     pub async fn kvm_gmem_punch_hole(
         &self,
         cx: &Ctx,
@@ -224,9 +232,18 @@ impl Kvm {
             }
         }
         cx.yield_at("truncate_inode_pages_range").await;
+        let mut r = Ok(());
+        if self.policy.sept_off_to_side {
+            for b in &bindings {
+                let m = self
+                    .sept_side_populate(cx, b.start, b.end, Some(file))
+                    .await;
+                r = r.and(m);
+            }
+        }
         self.kvm_gmem_invalidate_end(cx, found).await;
         lock.unlock(cx).await;
-        Ok(())
+        r
     }
 
     /// `kvm_gmem_release` (the last fput of the file): under slots_lock and the invalidate

@@ -76,7 +76,8 @@ impl Kvm {
 
     /// KVM_SET_USER_MEMORY_REGION2 creating slot `id` over `[base, base + npages)` bound to
     /// guest_memfd `gmem` at offset `off` (`kvm_set_memory_region` KVM_MR_CREATE with
-    /// `kvm_gmem_bind`).
+    /// `kvm_gmem_bind`). Policy `sept_off_to_side` (seed 001) then maps the slot's private gfns
+    /// if the TD is runnable.
     pub async fn create_memslot(
         &self,
         cx: &Ctx,
@@ -86,9 +87,14 @@ impl Kvm {
         gmem: Option<(GmemId, PgOff)>,
     ) -> KvmResult<()> {
         self.slots_lock.lock(cx).await;
-        let r = self.create_memslot_locked(id, base, npages, gmem);
+        let mut r = self.create_memslot_locked(id, base, npages, gmem);
         if r.is_ok() {
             self.swap_active_memslots(cx).await;
+            if self.policy.sept_off_to_side && gmem.is_some() {
+                r = self
+                    .sept_side_populate(cx, base, base.add(npages), None)
+                    .await;
+            }
         }
         self.slots_lock.unlock(cx).await;
         r
@@ -193,11 +199,15 @@ impl Kvm {
     }
 
     /// `kvm_mmu_zap_memslot`: mmu_lock for write, unmap the slot's range on mirror, direct and
-    /// invalid roots.
+    /// invalid roots. Policy `sept_off_to_side` (seed 001) unmaps the private pages under
+    /// `sept_lock`.
     pub async fn kvm_mmu_zap_memslot(&self, cx: &Ctx, start: Gfn, end: Gfn) {
         self.mmu_lock.write(cx).await;
         self.kvm_tdp_mmu_unmap_gfn_range(cx, start, end, true, true)
             .await;
         self.mmu_lock.write_unlock(cx).await;
+        if self.policy.sept_off_to_side {
+            self.sept_side_unmap(cx, start, end).await;
+        }
     }
 }

@@ -168,6 +168,9 @@ pub struct KvmState {
     /// Guest-visible memory events with their steps.
     pub mem_log: Vec<(u64, MemEvent)>,
     pub injected: KvmInjected,
+    /// Policy `sept_off_to_side` (seed 001): KVM's record of the S-EPT it built, instead of a
+    /// mirror root. Empty under every other policy.
+    pub sept_side: vmx::sept_off_to_side::SeptSide,
 }
 
 /// The VM.
@@ -187,6 +190,10 @@ pub struct Kvm {
     /// `kvm->lock`: outermost lock of the TDX VM-state guard, and of KVM_CREATE_VCPU's
     /// bookkeeping. Order: kvm->lock, then every vcpu->mutex, then slots_lock.
     pub lock: Mutex,
+    /// Policy `sept_off_to_side` (seed 001): the one lock every S-EPT change is made under.
+    /// Innermost: taken after slots_lock, a guest_memfd's invalidate lock or mmu_lock; no vCPU
+    /// takes it, so its holder may kick vCPUs and wait for them.
+    pub sept_lock: Mutex,
     /// The scheduler, to register each vCPU's `vcpu->mutex` at KVM_CREATE_VCPU (`mutex_init`).
     sched: Ctx,
 }
@@ -218,6 +225,7 @@ impl Kvm {
                 bugs: Vec::new(),
                 mem_log: Vec::new(),
                 injected: KvmInjected::default(),
+                sept_side: vmx::sept_off_to_side::SeptSide::default(),
             }),
             module,
             host,
@@ -227,6 +235,7 @@ impl Kvm {
             srcu: Srcu::new(cx, "kvm->srcu"),
             ipi_ack: WaitQueue::new(cx, "ipi_ack"),
             lock: Mutex::new(cx, "kvm->lock"),
+            sept_lock: Mutex::new(cx, "sept_lock"),
             sched: cx.clone(),
         })
     }

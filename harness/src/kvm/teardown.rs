@@ -13,6 +13,9 @@
 //!    last, written back under the global key);
 //! 5. `kvm_free_memslots`.
 //!
+//! Policy `sept_off_to_side` (seed 001) has no mirror root: its leaves go in step 1 as
+//! upstream's do, and the S-EPT tables it added are reclaimed in step 4 after the MMU.
+//!
 //! A page that cannot be reclaimed is leaked on purpose (`Ledger::leak`), as upstream leaks it.
 //! Policy `reclaim_in_order == false` models the historical order: KEY.FREEID before the
 //! cache write-back, and `vm_destroy` (the TDR) before the vCPUs and the MMU. The module refuses
@@ -93,13 +96,17 @@ impl Kvm {
 
     /// `kvm_arch_destroy_vm` (x86): vCPUs, then the MMU, then `kvm_x86_ops.vm_destroy` last
     /// (the TDR may only be reclaimed once nothing depends on it). Policy `reclaim_out_of_order`
-    /// calls `vm_destroy` first, where x86 used to.
+    /// calls `vm_destroy` first, where x86 used to. Policy `sept_off_to_side` reclaims the S-EPT
+    /// tables it added where the MMU teardown reclaims the mirror's.
     async fn kvm_arch_destroy_vm(&self, cx: &Ctx) {
         if !self.policy.reclaim_in_order {
             self.tdx_vm_destroy(cx).await;
         }
         self.kvm_destroy_vcpus(cx).await;
         self.kvm_mmu_uninit_tdp_mmu(cx).await;
+        if self.policy.sept_off_to_side {
+            self.sept_side_free_tables(cx).await;
+        }
         if self.policy.reclaim_in_order {
             self.tdx_vm_destroy(cx).await;
         }

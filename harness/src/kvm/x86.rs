@@ -132,7 +132,8 @@ impl Kvm {
     }
 
     /// The `root.hpa == INVALID_PAGE` -> `kvm_mmu_load` part of `kvm_mmu_reload`: allocate the
-    /// mirror root if missing and a direct root if the current one is gone.
+    /// mirror root if missing and a direct root if the current one is gone. Policy
+    /// `sept_off_to_side` has no mirror root (the TDP MMU maps shared memory only).
     pub fn kvm_mmu_load_roots(&self, _cx: &Ctx, v: usize) -> KvmResult<()> {
         let (has_mirror, root_ok) = {
             let st = self.st.borrow();
@@ -145,7 +146,7 @@ impl Kvm {
         if root_ok {
             return Ok(());
         }
-        if !has_mirror {
+        if !has_mirror && !self.policy.sept_off_to_side {
             let m = self.tdp_mmu_alloc_root(true)?;
             self.st.borrow_mut().vcpus[v].mirror_root = Some(m);
         }

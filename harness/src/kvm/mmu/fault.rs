@@ -102,6 +102,10 @@ impl Kvm {
         };
         cx.yield_now(Point::YieldArg("kvm_tdp_mmu_page_fault", gpa.raw()))
             .await;
+        if private && self.policy.sept_off_to_side {
+            // Seed 001: the S-EPT is managed off to the side and never faulted.
+            return self.sept_side_private_fault(v, gpa, prefetch);
+        }
         let mut r = self.kvm_mmu_faultin_pfn(cx, v, &mut fault).await?;
         if r == RetPf::Continue {
             self.mmu_lock.read(cx).await;

@@ -287,7 +287,8 @@ impl Kvm {
     }
 
     /// `tdx_gmem_post_populate`: with `page_add_src` set to the source page (already set:
-    /// KVM_BUG_ON, -EIO), map the private pfn (the S-EPT hook PAGE.ADDs it); then, if measured,
+    /// KVM_BUG_ON, -EIO), map the private pfn (the S-EPT hook PAGE.ADDs it; policy
+    /// `sept_off_to_side` maps it off to the side, under `sept_lock`); then, if measured,
     /// TDH.MR.EXTEND each 256-byte chunk (an error bugs the VM: -EIO; the page stays added).
     async fn tdx_gmem_post_populate(
         &self,
@@ -307,7 +308,15 @@ impl Kvm {
             return Err(Errno::EIO);
         }
         self.st.borrow_mut().tdx.page_add_src = Some(src_page);
-        let r = self.kvm_tdp_mmu_map_private_pfn(cx, v, gfn, pfn).await;
+        let r = if self.policy.sept_off_to_side {
+            // Seed 001: PAGE.ADD straight into the S-EPT, under the one lock.
+            self.sept_lock.lock(cx).await;
+            let r = self.sept_side_map_page(cx, gfn, pfn).await;
+            self.sept_lock.unlock(cx).await;
+            r
+        } else {
+            self.kvm_tdp_mmu_map_private_pfn(cx, v, gfn, pfn).await
+        };
         self.st.borrow_mut().tdx.page_add_src = None;
         r?;
         if !measure {

@@ -1,4 +1,5 @@
 //! Vendor code: TDX.
 
 pub mod build;
+pub mod sept_off_to_side;
 pub mod tdx;

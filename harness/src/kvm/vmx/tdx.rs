@@ -69,7 +69,8 @@ impl Kvm {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = SeamResult<T>>,
     {
-        debug_assert!(self.mmu_lock.held_write(cx));
+        // Upstream holds mmu_lock for write; the seed 001 design holds its one sept_lock.
+        debug_assert!(self.mmu_lock.held_write(cx) || self.sept_lock.held_by_current(cx));
         let r = self.sept_seamcall(&f).await;
         match &r {
             // The retry16 design has no kick: its 16 tries are all it does.
@@ -134,6 +135,18 @@ impl Kvm {
             );
             return Err(Errno::EIO);
         };
+        self.tdx_sept_add_table(cx, gfn, level, page).await
+    }
+
+    /// The SEAMCALL of `tdx_sept_map_nonleaf_spte`: TDH.MEM.SEPT.ADD of `page` below the entry
+    /// at `level` covering `gfn`; BUSY is -EBUSY, any other error bugs the VM (-EIO).
+    pub(crate) async fn tdx_sept_add_table(
+        &self,
+        cx: &Ctx,
+        gfn: Gfn,
+        level: PgLevel,
+        page: Pfn,
+    ) -> KvmResult<()> {
         let tdr = self.tdr();
         let m = &self.module;
         match self
@@ -155,7 +168,7 @@ impl Kvm {
 
     /// `tdx_sept_map_leaf_spte`: TDH.MEM.PAGE.AUG once runnable, TDH.MEM.PAGE.ADD of
     /// `page_add_src` during the build.
-    async fn tdx_sept_map_leaf_spte(
+    pub(crate) async fn tdx_sept_map_leaf_spte(
         &self,
         cx: &Ctx,
         gfn: Gfn,
@@ -201,14 +214,27 @@ impl Kvm {
         }
     }
 
-    /// `tdx_sept_remove_leaf_spte` (mmu_lock held for write): BLOCK, TRACK + kick, REMOVE,
-    /// WBINVD under the HKID, clear. Must not fail; a failure bugs the VM.
+    /// `tdx_sept_remove_leaf_spte` (mmu_lock held for write): remove the mirror leaf's page.
     async fn tdx_sept_remove_leaf_spte(
         &self,
         cx: &Ctx,
         gfn: Gfn,
         level: PgLevel,
         old: Spte,
+    ) -> KvmResult<()> {
+        self.tdx_sept_remove_private_page(cx, gfn, level, old.pfn())
+            .await
+    }
+
+    /// The body of `tdx_sept_remove_leaf_spte` for the page `expected` at `gfn` (mmu_lock held
+    /// for write, or the seed 001 design's sept_lock): BLOCK, TRACK + kick, REMOVE, WBINVD
+    /// under the HKID, clear. Must not fail; a failure bugs the VM.
+    pub(crate) async fn tdx_sept_remove_private_page(
+        &self,
+        cx: &Ctx,
+        gfn: Gfn,
+        level: PgLevel,
+        expected: Pfn,
     ) -> KvmResult<()> {
         let Some(hkid) = self.st.borrow().tdx.hkid else {
             self.bug(cx, "tdx_sept_remove_leaf_spte", "no HKID".into());
@@ -249,11 +275,11 @@ impl Kvm {
                 return Err(Errno::EIO);
             }
         };
-        if pfn != old.pfn() {
+        if pfn != expected {
             self.bug(
                 cx,
                 "tdx_sept_remove_leaf_spte",
-                format!("removed {pfn}, mirror had {}", old.pfn()),
+                format!("removed {pfn}, mirror had {expected}"),
             );
         }
         if let Err(e) = m.tdh_phymem_page_wbinvd(cx, pfn, CacheKey::Td(hkid)).await {
@@ -300,6 +326,12 @@ impl Kvm {
             .get_mut(&sp)
             .and_then(|s| s.external_spt.take());
         let Some(page) = page else { return };
+        self.tdx_sept_free_page(cx, page).await;
+    }
+
+    /// The body of `tdx_sept_free_private_spt` for one S-EPT page (after the HKID is released):
+    /// reclaim and free it, or leak it (HKID still assigned: KVM_BUG_ON; RECLAIM refused).
+    pub(crate) async fn tdx_sept_free_page(&self, cx: &Ctx, page: Pfn) {
         if self.st.borrow().tdx.hkid.is_some() {
             self.bug(
                 cx,
@@ -500,7 +532,8 @@ impl Kvm {
     /// `tdx_td_finalize` (KVM_MEMORY_ENCRYPT_OP(KVM_TDX_FINALIZE_VM) through `kvm_vm_ioctl`):
     /// -EIO on a dead VM; under the VM-state guard, -EINVAL without an HKID or once RUNNABLE;
     /// TDH.MR.FINALIZE (BUSY: -EBUSY; other errors bug the VM: -EIO); then RUNNABLE and
-    /// `pre_fault_allowed` (KVM_PRE_FAULT_MEMORY answers -EOPNOTSUPP before).
+    /// `pre_fault_allowed` (KVM_PRE_FAULT_MEMORY answers -EOPNOTSUPP before). Policy
+    /// `sept_off_to_side` then maps every private gfn (`sept_side_populate_all`).
     pub async fn tdx_td_finalize(&self, cx: &Ctx) -> KvmResult<()> {
         if self.is_dead() {
             return Err(Errno::EIO);
@@ -522,9 +555,15 @@ impl Kvm {
                     return Err(Errno::EIO);
                 }
             }
-            let mut st = self.st.borrow_mut();
-            st.tdx.state = TdState::Runnable;
-            st.tdx.pre_fault_allowed = true;
+            {
+                let mut st = self.st.borrow_mut();
+                st.tdx.state = TdState::Runnable;
+                st.tdx.pre_fault_allowed = true;
+            }
+            if self.policy.sept_off_to_side {
+                // Seed 001: the whole private memory is mapped before the guest first runs.
+                self.sept_side_populate_all(cx).await?;
+            }
             Ok(())
         }
         .await;
@@ -603,7 +642,9 @@ impl Kvm {
             );
             return Err(Errno::EIO);
         }
-        let local_retry = private && self.policy.local_retry;
+        // Seed 001: a private fault installs nothing, so retrying it here could only spin until
+        // a conversion finishes; the guest re-enters and retries its access instead.
+        let local_retry = private && self.policy.local_retry && !self.policy.sept_off_to_side;
         let r = self
             .ept_violation_retry_loop(cx, v, gpa, private, local_retry)
             .await;
