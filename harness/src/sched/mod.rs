@@ -449,6 +449,9 @@ impl Executor {
     }
 
     fn adopt_spawned(&mut self) {
+        if self.core.spawned.borrow().is_empty() {
+            return;
+        }
         let spawned = std::mem::take(&mut *self.core.spawned.borrow_mut());
         for (id, fut) in spawned {
             let i = id.0 as usize;
