@@ -49,6 +49,8 @@ enum Cmd {
         #[arg(long)]
         trace: bool,
     },
+    /// Prints scenario files (text or raw fuzz input) in the text form.
+    Print { files: Vec<PathBuf> },
     /// Replays the regression corpus under every policy and prints the policy x scenario table.
     Matrix {
         #[arg(long, default_value = "corpus/regressions")]
@@ -124,6 +126,22 @@ fn real_main() -> Result<ExitCode> {
             policy: p,
             trace,
         } => run_files(&files, policy(&p)?, trace),
+        Cmd::Print { files } => {
+            let mut code = 0u8;
+            for f in &files {
+                match load::load(f)? {
+                    load::Loaded::Ok(sc) => {
+                        println!("# {}", f.display());
+                        print!("{}", harness::scenario::text::print(&sc));
+                    }
+                    load::Loaded::Bad(msg) => {
+                        eprintln!("error: {msg}");
+                        code = 2;
+                    }
+                }
+            }
+            Ok(ExitCode::from(code))
+        }
         Cmd::Matrix { dir } => {
             print!("{}", matrix::render(&dir)?);
             Ok(ExitCode::SUCCESS)
@@ -201,10 +219,15 @@ fn run_files(files: &[PathBuf], policy: Policy, trace: bool) -> Result<ExitCode>
                 code = code.max(1);
             }
             None => println!(
-                "clean: {} ({} steps, policy {})",
+                "clean: {} ({} steps, policy {}){}",
                 f.display(),
                 report.run.stack.ex.steps(),
-                policy.name
+                policy.name,
+                report
+                    .wedged
+                    .as_ref()
+                    .map(|w| format!("; wedged by zero-step mitigation: {w}"))
+                    .unwrap_or_default()
             ),
         }
         if trace {

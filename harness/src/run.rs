@@ -181,15 +181,17 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp, exited: &[Completion]) -> Result
             Ok(())
         }
         VmmOp::ZeroStep { vcpu, gfn } => {
-            // The module logs only GPAs the instruction at RIP faulted on: inject only when the
-            // vCPU's current instruction touches this private gfn.
+            // The module logs only GPAs the instruction at RIP took hardware EPT violations on
+            // (td_exit_epf_stepping_log, called from td_ept_violation.c): inject only when the
+            // vCPU's current instruction is a load or store of this private gfn. TDG.MEM.PAGE.
+            // ACCEPT's exits (async_tdexit_ept_violation) are not logged.
             let target = {
                 let st = kvm.st.borrow();
                 st.vcpus.get(usize::from(vcpu)).and_then(|v| {
                     let touches = match v.guest.ops.get(v.guest.pc) {
-                        Some(GuestOp::Accept { gpa })
-                        | Some(GuestOp::Read { gpa })
-                        | Some(GuestOp::Write { gpa, .. }) => !gpa.is_shared() && gpa.gfn() == gfn,
+                        Some(GuestOp::Read { gpa }) | Some(GuestOp::Write { gpa, .. }) => {
+                            !gpa.is_shared() && gpa.gfn() == gfn
+                        }
                         _ => false,
                     };
                     v.tdvpr.filter(|_| touches)

@@ -773,6 +773,34 @@ fn vp_init_success() {
     });
 }
 
+/// VP.INIT lock row (version 1, as Linux calls it with the x2APIC ID): the TDR is locked
+/// exclusively, so VP.INIT while another vCPU's VP.CREATE holds the TDR shared is
+/// TDX_OPERAND_BUSY|TDR, and it succeeds once that leaf is done.
+#[test]
+fn vp_init_busy_tdr_while_vp_create_holds_it_shared() {
+    let mut b = bench(1);
+    let out: Slot<(Pfn, Pfn)> = Rc::new(RefCell::new(None));
+    let o = out.clone();
+    b.run(move |cx, m| async move {
+        let tdr = initialized_td(&cx, &m, HKID, 4).await;
+        let tdvpr = created_vcpu(&cx, &m, tdr).await;
+        *o.borrow_mut() = Some((tdr, tdvpr));
+    });
+    let (tdr, tdvpr) = out.borrow_mut().take().unwrap();
+    let (m1, c1, m2, c2) = (b.m.clone(), b.cx.clone(), b.m.clone(), b.cx.clone());
+    let other = alloc(&b.m, KernelUse::Tdvpr);
+    let r = race(
+        &mut b,
+        window_name(Leaf::VpCreate),
+        async move { m1.tdh_vp_create(&c1, tdr, other).await.unwrap() },
+        async move { st(m2.tdh_vp_init(&c2, Lp(0), tdvpr).await) },
+    );
+    assert_eq!(r, OPERAND_BUSY | 0x80, "VP.INIT vs VP.CREATE on the TDR");
+    b.run(move |cx, m| async move {
+        assert_eq!(st(m.tdh_vp_init(&cx, Lp(0), tdvpr).await), SUCCESS);
+    });
+}
+
 /// VP.INIT check 6: fewer TDVPS pages than required gives TDCX_NUM_INCORRECT.
 #[test]
 fn vp_init_too_few_tdvps_pages() {

@@ -17,6 +17,9 @@ type Found = (ViolationKind, &'static str, String, String);
 /// A checked run.
 pub struct Report {
     pub violation: Option<Violation>,
+    /// vCPUs a clean run left wedged by zero-step mitigation on a page the guest never
+    /// accepted (`liveness::wedged_by_zero_step`): TDX module behaviour, not a violation.
+    pub wedged: Option<String>,
     pub run: Run,
 }
 
@@ -122,14 +125,25 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
         let v = violation(kind, loc, key, detail, &run);
         return Report {
             violation: Some(v),
+            wedged: None,
             run,
         };
     }
-    let v = end_checks(sc, &run);
-    Report { violation: v, run }
+    let wedged = match &run.outcome {
+        Outcome::BudgetExhausted(rep) => {
+            crate::liveness::wedged_only(rep, &run.stack.ex, &run.stack.kvm)
+        }
+        _ => None,
+    };
+    let v = end_checks(sc, &run, wedged.is_some());
+    Report {
+        violation: v,
+        wedged,
+        run,
+    }
 }
 
-fn end_checks(sc: &Scenario, run: &Run) -> Option<Violation> {
+fn end_checks(sc: &Scenario, run: &Run, wedged: bool) -> Option<Violation> {
     let kvm = &run.stack.kvm;
     // A desync is the cause when a run also hangs (e.g. retrying on a table that is not there),
     // so it is checked first; frozen SPTEs count only when nothing is in flight.
@@ -149,8 +163,11 @@ fn end_checks(sc: &Scenario, run: &Run) -> Option<Violation> {
             run,
         ));
     }
-    if let Some(v) = crate::liveness::check_outcome(&run.outcome, &run.stack.ex, "scenario run") {
-        return Some(v);
+    if !wedged {
+        if let Some(v) = crate::liveness::check_outcome(&run.outcome, &run.stack.ex, "scenario run")
+        {
+            return Some(v);
+        }
     }
     let errs = crate::must_not_fail::eio(&run.vmm_errors.borrow());
     if let Some(e) = errs.first() {

@@ -1,7 +1,10 @@
 //! Liveness: deadlock (a wait-for cycle, or every task asleep) and lack of progress (the step
 //! budget ran out with work pending under a fair schedule).
 
-use harness::sched::{Executor, Outcome, PointDisplay, WaitOn};
+use harness::addr::Gfn;
+use harness::kvm::Kvm;
+use harness::sched::{BudgetReport, Executor, Outcome, PointDisplay, WaitOn};
+use harness::tdx_module::SeptState;
 
 use crate::{Violation, ViolationKind};
 
@@ -56,6 +59,45 @@ fn loop_name(tail: &[harness::sched::TraceEvent], t: harness::sched::TaskId) -> 
         .into_iter()
         .max_by_key(|(n, c)| (*c, std::cmp::Reverse(*n)))
         .map(|(n, _)| format!("loop in {n}"))
+}
+
+/// A vCPU the TDX module keeps out of the guest by design: zero-step mitigation logged a GPA
+/// that is now PENDING (KVM mapped it, the guest has not accepted it), so
+/// `td_entry_stepping_filter` answers every TDH.VP.ENTER with an emulated EPT violation on it;
+/// KVM finds the page mapped (RET_PF_SPURIOUS) and enters again. Only the guest's ACCEPT can
+/// end it, and the guest cannot run: a guest that touched a page it never accepted (or whose
+/// accepted page the host removed) wedged its own vCPU. Returns the GPA's frame.
+pub fn wedged_by_zero_step(kvm: &Kvm, v: usize) -> Option<Gfn> {
+    let tdvpr = kvm.st.borrow().vcpus.get(v)?.tdvpr?;
+    match kvm.module.state().epf_expected(tdvpr) {
+        Some((gfn, SeptState::Pending)) => Some(gfn),
+        _ => None,
+    }
+}
+
+/// Whether a run that ran out of steps only because vCPUs are wedged by zero-step mitigation
+/// (`wedged_by_zero_step`), with every other unfinished task waiting for a vCPU thread to
+/// exit. Returns the wedged vCPUs as a note.
+pub fn wedged_only(rep: &BudgetReport, ex: &Executor, kvm: &Kvm) -> Option<String> {
+    let names = ex.task_names();
+    let objs = ex.obj_names();
+    let mut wedged = Vec::new();
+    for (t, _, wait) in &rep.pending {
+        let name = &names[t.0 as usize];
+        let vcpu = name
+            .strip_prefix("vcpu")
+            .and_then(|n| n.parse::<usize>().ok());
+        match (vcpu, wait) {
+            (Some(v), _) => {
+                let gfn = wedged_by_zero_step(kvm, v)?;
+                wedged.push(format!("{name} on {gfn}"));
+            }
+            (None, Some(w @ WaitOn::Completion(_)))
+                if objs[w.obj().0 as usize] == "vcpu thread exit" => {}
+            _ => return None,
+        }
+    }
+    (!wedged.is_empty()).then(|| wedged.join(", "))
 }
 
 /// Turns a scheduler outcome into a liveness violation, if it is one.

@@ -213,9 +213,11 @@ pub fn lock_row(leaf: Leaf) -> &'static [LockStep] {
             R
         }
         Leaf::VpInit => {
+            // Version 1 (Linux passes the x2APIC ID): tdh_vp_init.c locks the TDR exclusively;
+            // version 0 would take it shared.
             const R: &[LockStep] = &[
                 step(Res::Tdvpr, EX, O::Rcx),
-                step(Res::Tdr, SH, O::Tdr),
+                step(Res::Tdr, EX, O::Tdr),
                 step(Res::OpState, SH, O::OpState),
             ];
             R

@@ -467,6 +467,10 @@ fn guest_accept_contends_with_host_on_the_entry() {
     assert_eq!(r, Ok(()), "AUG vs ACCEPT of another GPA");
 }
 
+/// Six same-RIP EPT violations are counted; the seventh logs the GPA; while the logged GPA
+/// would still fault (BLOCKED, then PENDING: suppress-#VE is set in every S-EPT entry, so a
+/// PENDING page is not a convertible violation) every entry emulates the EPT violation; once it
+/// is MAPPED the entry takes the SEPT tree lock, and a concurrent PAGE.AUG is BUSY|SEPT_TREE.
 #[test]
 fn zero_step_takes_the_tree_lock_after_the_threshold() {
     let mut b = bench();
@@ -474,8 +478,19 @@ fn zero_step_takes_the_tree_lock_after_the_threshold() {
     let (tdr, v0) = (td.tdr, td.vcpus[0].tdvpr);
     let rip = 0x1000;
     let fault = gpa(0x60);
+    let pending = gpa(0x62);
     b.run(move |cx, m| async move {
-        link_path(&cx, &m, tdr, fault).await;
+        // The guest accepts `fault`, then KVM blocks it (a zap in progress).
+        aug(&cx, &m, tdr, fault).await.unwrap();
+        aug(&cx, &m, tdr, pending).await.unwrap();
+        m.tdh_vp_enter(&cx, Lp(0), v0, 0).await.unwrap();
+        m.tdg_mem_page_accept(&cx, v0, fault, PgLevel::L4K)
+            .await
+            .unwrap();
+        m.td_exit(v0, 4);
+        m.tdh_mem_range_block(&cx, tdr, fault, PgLevel::L4K)
+            .await
+            .unwrap();
         // Six EPT violations at one RIP: counted, nothing logged, entry takes no tree lock.
         for _ in 0..6 {
             assert_eq!(
@@ -495,14 +510,26 @@ fn zero_step_takes_the_tree_lock_after_the_threshold() {
         m.guest_private_access(v0, fault, rip);
         m.td_exit(v0, rip);
         assert_eq!(m.state().vcpus[&v0].epf_gpas, vec![fault.gfn()]);
-        // Still unmapped: the next entry emulates the EPT violation without entering.
+        // Still blocked: the next entry emulates the EPT violation without entering.
         assert_eq!(
             m.tdh_vp_enter(&cx, Lp(0), v0, rip).await,
             Ok(EnterOutcome::EptViolation { gpa: fault })
         );
         assert!(m.state().locks.none_held());
-        // KVM maps it (AUG); the next entry checks it under the tree lock.
-        aug(&cx, &m, tdr, fault).await.unwrap();
+        // A logged PENDING page faults too, whatever PENDING_VE_DISABLE says.
+        m.st.borrow_mut().vcpus.get_mut(&v0).unwrap().epf_gpas = vec![pending.gfn()];
+        assert!(!m.state().tds[&tdr].pending_ve_disable);
+        assert_eq!(
+            m.tdh_vp_enter(&cx, Lp(0), v0, rip).await,
+            Ok(EnterOutcome::EptViolation { gpa: pending })
+        );
+        m.st.borrow_mut().vcpus.get_mut(&v0).unwrap().epf_gpas = vec![fault.gfn()];
+        // KVM unblocks it (after TRACK: no vCPU is inside); the next entry checks it under
+        // the tree lock.
+        m.tdh_mem_track(&cx, tdr).await.unwrap();
+        m.tdh_mem_range_unblock(&cx, tdr, fault, PgLevel::L4K)
+            .await
+            .unwrap();
         link_path(&cx, &m, tdr, gpa(0x61)).await;
     });
     let (m, cx) = (b.m.clone(), b.cx.clone());

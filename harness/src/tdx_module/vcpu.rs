@@ -117,6 +117,22 @@ impl Vcpu {
     }
 }
 
+impl super::ModuleState {
+    /// The loop of `td_entry_stepping_filter` over a vCPU's logged GPAs: the first one
+    /// `is_epf_expected` says will fault again, with its S-EPT state. Only a walk that ends in
+    /// a MAPPED leaf passes: every S-EPT entry has suppress-#VE set (SEPTE_INIT_VALUE,
+    /// sept_update_state), so no violation is convertible, and a PENDING page faults too (its
+    /// #VE is injected in software by td_ept_violation.c, after the exit).
+    pub fn epf_expected(&self, tdvpr: Pfn) -> Option<(Gfn, SeptState)> {
+        let v = self.vcpus.get(&tdvpr)?;
+        let sept = &self.tds.get(&v.tdr)?.sept;
+        v.epf_gpas.iter().find_map(|gfn| {
+            let state = sept.walk(*gfn, PgLevel::L4K).state;
+            (state != SeptState::Mapped).then_some((*gfn, state))
+        })
+    }
+}
+
 impl TdxModule {
     /// TDH.VP.CREATE (leaf 10; tdh_vp_create.c): a new vCPU with TDVPR page `tdvpr`.
     pub async fn tdh_vp_create(&self, cx: &Ctx, tdr: Pfn, tdvpr: Pfn) -> SeamResult<()> {
@@ -292,12 +308,7 @@ impl TdxModule {
             // host S-EPT leaves racing with it get TDX_OPERAND_BUSY|SEPT_TREE.
             cx.yield_now(Point::Yield(window_name(leaf))).await;
             let mut st = self.st.borrow_mut();
-            let pending_ve = !st.td(tdr).pending_ve_disable;
-            let still = st.vcpus[&tdvpr].epf_gpas.iter().copied().find(|gfn| {
-                let w = st.td(tdr).sept.walk(*gfn, PgLevel::L4K);
-                !(w.state == SeptState::Mapped
-                    || (w.state.is_guest_acceptable() && w.level == PgLevel::L4K && pending_ve))
-            });
+            let still = st.epf_expected(tdvpr).map(|(gfn, _)| gfn);
             g.release_one(&mut st.locks, LockKey::SeptTree(tdr));
             if let Some(gfn) = still {
                 st.td_mut(tdr).refcount[(epoch & 1) as usize] -= 1;

@@ -1,0 +1,55 @@
+//! The liveness oracle tolerates exactly one kind of stuck vCPU: one the TDX module keeps out by
+//! design, because zero-step mitigation logged a page the guest has not accepted
+//! (`liveness::wedged_by_zero_step`). Anything else that stops making progress is still a
+//! violation, wedged vCPU or not.
+
+use harness::policy::Policy;
+use harness::run::RunConfig;
+use harness::scenario::text::parse;
+use harness::sched::TraceMode;
+use oracle::check::{run_scenario, Report};
+
+fn run(text: &str) -> Report {
+    let sc = parse(text).expect("scenario");
+    run_scenario(&sc, &RunConfig::new(Policy::UPSTREAM, TraceMode::Ring(32)))
+}
+
+#[test]
+fn a_vcpu_wedged_on_a_page_it_never_accepted_is_not_a_violation() {
+    let r = run("vcpus 1\ntask vcpu0\n  read 0x12\ntask vmm0\n  zero_step vcpu0 0x12\n");
+    assert_eq!(r.violation.map(|v| v.signature()), None);
+    assert_eq!(r.wedged.as_deref(), Some("vcpu0 on gfn:0x12"));
+    // The module state behind it: the logged page is PENDING (KVM mapped it), so every entry
+    // is an emulated EPT violation.
+    assert!(oracle::liveness::wedged_by_zero_step(&r.run.stack.kvm, 0).is_some());
+}
+
+#[test]
+fn another_vcpu_accepting_the_page_unwedges_it() {
+    let r = run(
+        "vcpus 2\ntask vcpu0\n  read 0x12\ntask vcpu1\n  accept 0x13\n  accept 0x12\n\
+         task vmm0\n  zero_step vcpu0 0x12\n",
+    );
+    assert_eq!(r.violation.map(|v| v.signature()), None);
+    assert_eq!(r.wedged, None);
+    assert!(oracle::liveness::wedged_by_zero_step(&r.run.stack.kvm, 0).is_none());
+}
+
+#[test]
+fn a_wedged_vcpu_does_not_excuse_another_that_hangs() {
+    // vCPU 1 spins on a stale root after a fast zap (the upstream finding): still liveness.
+    let r = run(
+        "vcpus 2\ntask vcpu0\n  read 0x12\ntask vcpu1\n  accept 0x10\n\
+         task vmm0\n  zero_step vcpu0 0x12\n  zap_all_fast\n  zap_all_fast\n",
+    );
+    let v = r.violation.expect("liveness");
+    assert_eq!(v.kind.name(), "liveness");
+    assert_eq!(r.wedged, None);
+}
+
+#[test]
+fn without_zero_step_the_unaccepted_read_gets_its_ve() {
+    let r = run("vcpus 1\ntask vcpu0\n  read 0x12\n");
+    assert_eq!(r.violation.map(|v| v.signature()), None);
+    assert_eq!(r.wedged, None);
+}
