@@ -64,6 +64,9 @@ pub struct GuestProgram {
     pub seen: Vec<(u64, Observation)>,
     /// Set by the fault path for KVM_RUN to report (KVM_EXIT_MEMORY_FAULT).
     pub memory_fault: Option<MemoryFaultExit>,
+    /// KVM_EXIT_INTERNAL_ERROR (`kvm_prepare_unexpected_reason_exit`) with TDH.VP.ENTER's
+    /// status.
+    pub internal_error: Option<crate::tdx_module::Status>,
     /// A MapGPA request waiting for userspace.
     pub map_gpa: Option<(Gpa, u64, bool)>,
     /// Userspace completed the MapGPA exit (`tdx_complete_vmcall_map_gpa`).

@@ -11,6 +11,8 @@ use crate::sched::Ctx;
 pub enum ThreadEnd {
     GuestDone,
     Error(Errno),
+    /// KVM_RUN reported KVM_EXIT_INTERNAL_ERROR (with TDH.VP.ENTER's status); QEMU stops.
+    InternalError(crate::tdx_module::Status),
 }
 
 /// A vCPU thread: KVM_RUN in a loop.
@@ -18,6 +20,7 @@ pub async fn vcpu_thread(kvm: &Kvm, cx: &Ctx, v: usize) -> ThreadEnd {
     loop {
         match kvm.kvm_run(cx, v).await {
             Ok(RunExit::Done) => return ThreadEnd::GuestDone,
+            Ok(RunExit::InternalError(status)) => return ThreadEnd::InternalError(status),
             Ok(RunExit::MemoryFault(f)) => {
                 // Convert the page to what the guest accessed it as, then run again; a fault
                 // outside every memslot is a guest error the VMM stops on.

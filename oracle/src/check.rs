@@ -169,6 +169,16 @@ fn end_checks(sc: &Scenario, run: &Run, wedged: bool) -> Option<Violation> {
             return Some(v);
         }
     }
+    let ends: Vec<_> = run.thread_ends.iter().map(|e| e.get()).collect();
+    if let Some(e) = crate::must_not_fail::internal_errors(&ends).first() {
+        return Some(violation(
+            ViolationKind::MustNotFail,
+            "tdx_handle_exit",
+            stable(e),
+            e.clone(),
+            run,
+        ));
+    }
     let errs = crate::must_not_fail::eio(&run.vmm_errors.borrow());
     if let Some(e) = errs.first() {
         return Some(violation(

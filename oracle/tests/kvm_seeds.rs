@@ -412,3 +412,30 @@ fn restore_on_fail_keeps_the_mirror_in_sync() {
         "{bad:?}"
     );
 }
+
+/// `tdx_handle_exit`: a TDH.VP.ENTER that fails with a TDX_ERROR status (here
+/// TDX_VCPU_ASSOCIATED: the vCPU entered on another LP without TDH.VP.FLUSH, a KVM bug the test
+/// makes by hand) is an unhandled exit: KVM_RUN returns KVM_EXIT_INTERNAL_ERROR, the VM is not
+/// bugged, and the oracle reports it as an error returned for a supported sequence.
+#[test]
+fn a_failed_vp_enter_is_an_internal_error_exit_not_a_bug() {
+    let mut s = stack("upstream", 1);
+    s.kvm.st.borrow_mut().vcpus[0].lp = harness::tdx_module::Lp(3);
+    let (_, end) = s.spawn_vcpu(
+        0,
+        GuestProgram::new(vec![GuestOp::Accept { gpa: gpa(0x10) }]),
+    );
+    assert_eq!(s.run(&mut RoundRobin::new(), 100_000), Outcome::AllDone);
+    match end.get() {
+        Some(ThreadEnd::InternalError(st)) => assert_eq!(st.code, Code::VcpuAssociated),
+        other => panic!("{other:?}"),
+    }
+    assert!(bugs(&s.kvm).is_empty(), "{:?}", bugs(&s.kvm));
+    assert!(!s.kvm.st.borrow().dead);
+    let ends = [end.get()];
+    let found = oracle::must_not_fail::internal_errors(&ends);
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].contains("TDX_VCPU_ASSOCIATED"), "{}", found[0]);
+    // A thread that finished its program is not one.
+    assert!(oracle::must_not_fail::internal_errors(&[Some(ThreadEnd::GuestDone)]).is_empty());
+}

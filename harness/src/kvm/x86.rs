@@ -19,6 +19,8 @@ pub enum RunExit {
         npages: u64,
         to_private: bool,
     },
+    /// KVM_EXIT_INTERNAL_ERROR: an exit KVM cannot handle (TDH.VP.ENTER's status).
+    InternalError(crate::tdx_module::Status),
     /// The guest program finished.
     Done,
 }
@@ -67,6 +69,9 @@ impl Kvm {
         let g = &mut st.vcpus[v].guest;
         if let Some(f) = g.memory_fault.take() {
             return RunExit::MemoryFault(f);
+        }
+        if let Some(status) = g.internal_error.take() {
+            return RunExit::InternalError(status);
         }
         if let Some((gpa, npages, to_private)) = g.map_gpa.take() {
             return RunExit::MapGpa {
