@@ -6,9 +6,10 @@ use harness::kvm::{BugReport, Errno};
 use harness::scenario::VmmOp;
 use harness::vmm::ThreadEnd;
 
-/// Fatal bug reports since index `from`.
+/// Bug reports since index `from`: KVM_BUG_ON/TDX_BUG_ON (the VM is bugged) and WARNs (a
+/// WARN_ON in KVM is a KVM bug too, even where it carries on).
 pub fn bugs_since(bugs: &[BugReport], from: usize) -> Vec<&BugReport> {
-    bugs.iter().skip(from).filter(|b| b.fatal).collect()
+    bugs.iter().skip(from).collect()
 }
 
 /// vCPU threads that stopped on KVM_EXIT_INTERNAL_ERROR (an exit KVM could not handle).

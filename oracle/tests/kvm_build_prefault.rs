@@ -718,3 +718,41 @@ fn a_dead_vm_refuses_vcpu_and_vm_ioctls_with_eio() {
     assert_eq!(prefault(&mut s, 0, gpa(0x40), 4096), Err(Errno::EIO));
     assert_eq!(s.kvm.st.borrow().tdx.state, TdState::Initialized);
 }
+
+/// `kvm_gmem_populate` holds the guest_memfd's invalidate lock across the page: a punch-hole of
+/// that page waits until PAGE.ADD is done and then removes it (no page freed under the
+/// callback).
+#[test]
+fn populate_holds_the_invalidate_lock_against_a_punch_hole() {
+    let mut s = initialized(1, 1);
+    let file = GmemId(0);
+    let pop = s.spawn("populate", |cx, kvm| async move {
+        kvm.tdx_vcpu_init_mem_region(&cx, 0, gpa(0x100), 7, 1, false)
+            .await
+            .unwrap();
+    });
+    let punch = s.spawn("punch", move |cx, kvm| async move {
+        kvm.kvm_gmem_punch_hole(&cx, file, PgOff(0x100), 1)
+            .await
+            .unwrap();
+    });
+    let mut sc = script(vec![
+        (pop, Until::Point("TDH.MEM.PAGE.ADD")),
+        (punch, Until::Blocked),
+    ]);
+    assert_eq!(s.run(&mut sc, 100_000), Outcome::AllDone);
+    let punch_blocked_on_invalidate_lock = s.ex.trace().events().any(|e| {
+        e.task == punch
+            && matches!(e.point, Point::Blocked { obj } if s.ex.obj_names()[obj.0 as usize] == "filemap_invalidate_lock")
+    });
+    assert!(punch_blocked_on_invalidate_lock);
+    assert_eq!(sept_state(&s, 0x100), SeptState::Free);
+    assert_eq!(gmem_page(&s, 0x100), None);
+    assert!(
+        s.host.borrow().refused.is_empty(),
+        "{:?}",
+        s.host.borrow().refused
+    );
+    assert!(fatal_bugs(&s.kvm).is_empty(), "{:?}", fatal_bugs(&s.kvm));
+    assert!(oracle::sept_sync::check(&s.kvm, true).is_empty());
+}

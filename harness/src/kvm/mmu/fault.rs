@@ -306,6 +306,14 @@ impl Kvm {
         old: Spte,
     ) -> RetPf {
         if old.is_present() && (fault.prefetch || old.is_leaf()) {
+            if fault.prefetch && old.is_leaf() && fault.pfn.is_some_and(|p| p != old.pfn()) {
+                // WARN_ON_ONCE(fault->pfn != spte_to_pfn(iter->old_spte)): a stale mapping.
+                self.warn(
+                    cx,
+                    "tdp_mmu_map_handle_target_level",
+                    format!("prefetch of {} found pfn {}", fault.gfn, old.pfn()),
+                );
+            }
             return RetPf::Spurious;
         }
         let Some(pfn) = fault.pfn else {

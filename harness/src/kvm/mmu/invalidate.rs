@@ -36,11 +36,29 @@ impl RootTypes {
     pub const fn without(self, o: RootTypes) -> RootTypes {
         RootTypes(self.0 & !o.0)
     }
+
+    /// The bits of both.
+    pub const fn with(self, o: RootTypes) -> RootTypes {
+        RootTypes(self.0 | o.0)
+    }
+
+    /// `kvm_gfn_range_filter_to_root_types` for a TD: the private filter is the mirror roots,
+    /// the shared filter the direct roots.
+    pub const fn from_filter(private: bool, shared: bool) -> RootTypes {
+        let mut t = 0;
+        if private {
+            t |= Self::MIRROR.0;
+        }
+        if shared {
+            t |= Self::DIRECT.0;
+        }
+        RootTypes(t)
+    }
 }
 
 /// `tdp_mmu_root_match`: an invalid root matches only if INVALID is asked for; then a mirror
 /// root matches MIRROR and any other root DIRECT.
-fn root_match(sp: &Sp, types: RootTypes) -> bool {
+pub(crate) fn root_match(sp: &Sp, types: RootTypes) -> bool {
     if sp.invalid && !types.contains(RootTypes::INVALID) {
         return false;
     }

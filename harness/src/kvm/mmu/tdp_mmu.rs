@@ -11,6 +11,7 @@ use crate::addr::{Gfn, Pfn, PgLevel};
 use crate::host::{AllocFor, KernelUse};
 use crate::sched::{Ctx, Point};
 
+use super::invalidate::{root_match, RootTypes};
 use super::spte::Spte;
 use crate::kvm::{Errno, Kvm, KvmResult};
 
@@ -475,7 +476,8 @@ impl Kvm {
 
 impl Kvm {
     /// `kvm_tdp_mmu_unmap_gfn_range` (mmu_lock held for write): zap leaves of `[start, end)`
-    /// in the mirror roots (`private`), the direct roots (`shared`), and every invalid root.
+    /// in the roots the filter names, valid or invalid: mirror roots (`private`), direct roots
+    /// (`shared`), each plus KVM_INVALID_ROOTS.
     pub async fn kvm_tdp_mmu_unmap_gfn_range(
         &self,
         cx: &Ctx,
@@ -485,16 +487,14 @@ impl Kvm {
         shared: bool,
     ) -> bool {
         debug_assert!(self.mmu_lock.held_write(cx));
+        let types = RootTypes::from_filter(private, shared).with(RootTypes::INVALID);
         let roots: Vec<SpId> = {
             let st = self.st.borrow();
             st.mmu
                 .roots
                 .iter()
                 .copied()
-                .filter(|r| {
-                    let s = st.mmu.get(*r);
-                    s.invalid || (s.mirror && private) || (!s.mirror && shared)
-                })
+                .filter(|r| root_match(st.mmu.get(*r), types))
                 .collect()
         };
         let mut flush = false;

@@ -4,9 +4,8 @@
 //! `kvm_tdp_mmu_map_private_pfn`, whose mirror-leaf install makes the S-EPT set hook issue
 //! TDH.MEM.PAGE.ADD of `page_add_src` (the TD is not runnable yet), then TDH.MR.EXTEND.
 //!
-//! Not modelled: guest_memfd's `filemap_invalidate_lock` around the populate callback (no
-//! guest_memfd invalidation in the model takes it), KVM_TDX_INIT_MEM_REGION's other flags, and
-//! the in-place conversion (LN+) that allows a zero `source_addr`.
+//! Not modelled: KVM_TDX_INIT_MEM_REGION's other flags, and the in-place conversion (LN+) that
+//! allows a zero `source_addr`.
 
 use crate::addr::{Gfn, Gpa, Pfn, PAGE_SIZE};
 use crate::host::{AllocFor, KernelUse};
@@ -189,9 +188,12 @@ impl Kvm {
     }
 
     /// `kvm_gmem_populate(kvm, gfn, src, 1, tdx_gmem_post_populate, ..)` (slots_lock held): the
-    /// gfn's memslot must be bound to a guest_memfd (-EINVAL); a signal gives -EINTR; the source
-    /// user page must be mapped (-EFAULT) and is held as a kernel page for the callback, then
-    /// released. Returns the pages populated (1).
+    /// gfn's memslot must be bound to a guest_memfd (-EINVAL; the model's `kvm_gmem_release`
+    /// unbinds the slot, so a released file is -EINVAL here where upstream's NULL
+    /// `slot->gmem.file` gives -EFAULT); the file's invalidate lock is held across the page, so a
+    /// punch-hole cannot truncate it in between; a signal gives -EINTR; the source user page
+    /// must be mapped (-EFAULT) and is held as a kernel page for the callback, then released.
+    /// Returns the pages populated (1).
     async fn kvm_gmem_populate(
         &self,
         cx: &Ctx,
@@ -210,6 +212,29 @@ impl Kvm {
         let Some((file, index)) = binding else {
             return Err(Errno::EINVAL);
         };
+        let Some(lock) = self.gmem_invalidate_lock(cx, file) else {
+            return Err(Errno::EFAULT);
+        };
+        lock.lock(cx).await;
+        let r = self
+            .kvm_gmem_populate_locked(cx, v, gfn, file, index, src, measure)
+            .await;
+        lock.unlock(cx).await;
+        r
+    }
+
+    /// The body of `kvm_gmem_populate` under the file's invalidate lock.
+    #[allow(clippy::too_many_arguments)]
+    async fn kvm_gmem_populate_locked(
+        &self,
+        cx: &Ctx,
+        v: usize,
+        gfn: Gfn,
+        file: crate::ids::GmemId,
+        index: crate::ids::PgOff,
+        src: Option<u64>,
+        measure: bool,
+    ) -> KvmResult<u64> {
         if self.take_signal(v) {
             return Err(Errno::EINTR);
         }

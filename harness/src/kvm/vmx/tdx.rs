@@ -626,12 +626,8 @@ impl Kvm {
     ) -> KvmResult<i32> {
         let private = !gpa.is_shared();
         if private && eeq == crate::tdx_module::Eeq::PendingEptViolation {
-            // The guest touched a page it never accepted.
-            self.warn(
-                cx,
-                "tdx_handle_ept_violation",
-                format!("guest accessed unaccepted {gpa}"),
-            );
+            // The guest touched a page it never accepted: pr_warn (no WARN) and kvm_vm_dead.
+            cx.note("guest access before accepting", gpa.raw(), 0);
             self.vm_dead();
             return Err(Errno::EIO);
         }
