@@ -439,3 +439,40 @@ fn a_failed_vp_enter_is_an_internal_error_exit_not_a_bug() {
     // A thread that finished its program is not one.
     assert!(oracle::must_not_fail::internal_errors(&[Some(ThreadEnd::GuestDone)]).is_empty());
 }
+
+/// `mmu_topup_memory_caches` runs before mmu_lock: when the host cannot refill the vCPU's MMU
+/// caches, the fault fails with -ENOMEM out of KVM_RUN (no endless RET_PF_RETRY, no bug), and
+/// the pages already cached are given back when the vCPU is destroyed.
+#[test]
+fn a_fault_that_cannot_top_up_its_caches_is_enomem() {
+    let mut s = stack("upstream", 1);
+    warm_up(&mut s);
+    let cached = s.kvm.st.borrow().vcpus[0].mmu_caches.clone();
+    assert!(
+        cached.shadow.len() < harness::kvm::mmu::tdp_mmu::MMU_CACHE_MIN,
+        "the warm-up fault used cached tables: {cached:?}"
+    );
+    s.host.borrow_mut().ledger.inject_alloc_failures(1_000);
+    // 2M region 1 needs a new 4K table: the topup must allocate and cannot.
+    let (_, end) = s.spawn_vcpu(
+        0,
+        GuestProgram::new(vec![GuestOp::Accept { gpa: gpa(0x200) }]),
+    );
+    assert_eq!(s.run(&mut RoundRobin::new(), 100_000), Outcome::AllDone);
+    assert_eq!(
+        end.get(),
+        Some(ThreadEnd::Error(harness::kvm::Errno::ENOMEM))
+    );
+    assert!(bugs(&s.kvm).is_empty(), "{:?}", bugs(&s.kvm));
+    assert_eq!(
+        s.module
+            .state()
+            .tds
+            .values()
+            .next()
+            .unwrap()
+            .sept
+            .get(harness::addr::PgLevel::L4K, Gfn::new(0x200)),
+        None
+    );
+}

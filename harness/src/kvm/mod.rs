@@ -138,6 +138,9 @@ pub struct Vcpu {
     /// `mmu->root.hpa` (direct) and `mmu->mirror_root_hpa`.
     pub root: Option<SpId>,
     pub mirror_root: Option<SpId>,
+    /// `vcpu->arch.mmu_shadow_page_cache` and `mmu_external_spt_cache`: pages topped up
+    /// before mmu_lock, so that building page tables under it never allocates.
+    pub mmu_caches: mmu::tdp_mmu::MmuCaches,
     pub signal_pending: bool,
     /// An interrupt or event is pending (`kvm_vcpu_has_events`).
     pub pending_event: bool,
@@ -353,6 +356,7 @@ impl Kvm {
             requests: 0,
             root: None,
             mirror_root: None,
+            mmu_caches: Default::default(),
             signal_pending: false,
             pending_event: false,
             srcu: None,

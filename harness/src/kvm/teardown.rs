@@ -122,6 +122,7 @@ impl Kvm {
             self.tdx_vcpu_free(cx, v).await;
             let mirror = self.st.borrow_mut().vcpus[v].mirror_root.take();
             put_root_read_locked(self, cx, mirror).await;
+            self.kvm_mmu_free_memory_caches(cx, v);
         }
     }
 

@@ -136,10 +136,11 @@ impl Kvm {
         self.kvm_mmu_load_roots(cx, v)
     }
 
-    /// The `root.hpa == INVALID_PAGE` -> `kvm_mmu_load` part of `kvm_mmu_reload`: allocate the
-    /// mirror root if missing and a direct root if the current one is gone. Policy
-    /// `sept_off_to_side` has no mirror root (the TDP MMU maps shared memory only).
-    pub fn kvm_mmu_load_roots(&self, _cx: &Ctx, v: usize) -> KvmResult<()> {
+    /// The `root.hpa == INVALID_PAGE` -> `kvm_mmu_load` part of `kvm_mmu_reload`: top up the
+    /// MMU caches (-ENOMEM), then allocate the mirror root if missing and a direct root if the
+    /// current one is gone. Policy `sept_off_to_side` has no mirror root (the TDP MMU maps
+    /// shared memory only).
+    pub fn kvm_mmu_load_roots(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
         let (has_mirror, root_ok) = {
             let st = self.st.borrow();
             let vc = &st.vcpus[v];
@@ -151,11 +152,12 @@ impl Kvm {
         if root_ok {
             return Ok(());
         }
+        self.mmu_topup_memory_caches(v)?;
         if !has_mirror && !self.policy.sept_off_to_side {
-            let m = self.tdp_mmu_alloc_root(true)?;
+            let m = self.tdp_mmu_alloc_root(cx, v, true)?;
             self.st.borrow_mut().vcpus[v].mirror_root = Some(m);
         }
-        let r = self.tdp_mmu_alloc_root(false)?;
+        let r = self.tdp_mmu_alloc_root(cx, v, false)?;
         self.st.borrow_mut().vcpus[v].root = Some(r);
         Ok(())
     }

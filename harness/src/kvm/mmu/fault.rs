@@ -106,6 +106,7 @@ impl Kvm {
             // Seed 001: the S-EPT is managed off to the side and never faulted.
             return self.sept_side_private_fault(v, gpa, prefetch);
         }
+        self.mmu_topup_memory_caches(v)?;
         let mut r = self.kvm_mmu_faultin_pfn(cx, v, &mut fault).await?;
         if r == RetPf::Continue {
             self.mmu_lock.read(cx).await;
@@ -269,7 +270,7 @@ impl Kvm {
                 return RetPf::Retry;
             }
             let lower = level.lower().expect("above the goal level");
-            let child = match self.alloc_sp(lower, fault.gfn.align_down(level), mirror) {
+            let child = match self.alloc_sp(cx, v, lower, fault.gfn.align_down(level), mirror) {
                 Ok(c) => c,
                 Err(_) => return RetPf::Retry,
             };

@@ -39,6 +39,18 @@ pub struct Sp {
     pub scheduled_to_zap: bool,
 }
 
+/// Pages `mmu_topup_memory_caches` keeps filled: upstream's minimum, PT64_ROOT_MAX_LEVEL (the
+/// most tables one fault can link). Upstream fills a short cache to its capacity (40); the
+/// model fills to the minimum to keep the host small.
+pub const MMU_CACHE_MIN: usize = 5;
+
+/// A vCPU's MMU memory caches (`vcpu->arch.mmu_shadow_page_cache`, `mmu_external_spt_cache`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct MmuCaches {
+    pub shadow: Vec<Pfn>,
+    pub external: Vec<Pfn>,
+}
+
 /// All shadow pages of the VM.
 #[derive(Clone, Debug, Default)]
 pub struct TdpMmu {
@@ -186,26 +198,92 @@ pub enum SetFail {
 }
 
 impl Kvm {
-    /// Allocates a shadow page (and its S-EPT page if mirror) from the vCPU's caches.
-    pub(crate) fn alloc_sp(&self, level: PgLevel, base: Gfn, mirror: bool) -> KvmResult<SpId> {
+    /// `mmu_topup_memory_caches` (before mmu_lock is taken): fill vCPU `v`'s shadow-page
+    /// cache, and its external-SPT cache for a TD, to `MMU_CACHE_MIN` pages. -ENOMEM if a cache
+    /// cannot reach it (what was allocated stays cached).
+    pub fn mmu_topup_memory_caches(&self, v: usize) -> KvmResult<()> {
+        let mirrored = !self.policy.sept_off_to_side;
+        let mut st = self.st.borrow_mut();
+        let caches = &mut st.vcpus[v].mmu_caches;
         let mut host = self.host.borrow_mut();
-        let spt = host
+        for (cache, use_, wanted) in [
+            (&mut caches.shadow, KernelUse::MmuPage, true),
+            (&mut caches.external, KernelUse::Sept, mirrored),
+        ] {
+            while wanted && cache.len() < MMU_CACHE_MIN {
+                let p = host
+                    .ledger
+                    .alloc(AllocFor::Kernel(use_))
+                    .map_err(|_| Errno::ENOMEM)?;
+                cache.push(p);
+            }
+        }
+        Ok(())
+    }
+
+    /// `kvm_mmu_free_memory_caches` (from `kvm_mmu_destroy` at vCPU teardown).
+    pub fn kvm_mmu_free_memory_caches(&self, cx: &Ctx, v: usize) {
+        let c = std::mem::take(&mut self.st.borrow_mut().vcpus[v].mmu_caches);
+        let mut host = self.host.borrow_mut();
+        for p in c.shadow.into_iter().chain(c.external) {
+            let r = host.ledger.free(p);
+            host.record(cx.step(), r);
+        }
+    }
+
+    /// `kvm_mmu_memory_cache_alloc`: a page from one of vCPU `v`'s caches; an empty cache is a
+    /// WARN and a direct (atomic) allocation.
+    fn mmu_cache_alloc(&self, cx: &Ctx, v: usize, external: bool) -> KvmResult<Pfn> {
+        let p = {
+            let mut st = self.st.borrow_mut();
+            let c = &mut st.vcpus[v].mmu_caches;
+            if external {
+                c.external.pop()
+            } else {
+                c.shadow.pop()
+            }
+        };
+        if let Some(p) = p {
+            return Ok(p);
+        }
+        self.warn(cx, "kvm_mmu_memory_cache_alloc", "empty cache".into());
+        let use_ = if external {
+            KernelUse::Sept
+        } else {
+            KernelUse::MmuPage
+        };
+        self.host
+            .borrow_mut()
             .ledger
-            .alloc(AllocFor::Kernel(KernelUse::MmuPage))
-            .map_err(|_| Errno::ENOMEM)?;
-        let external_spt = if mirror {
-            match host.ledger.alloc(AllocFor::Kernel(KernelUse::Sept)) {
+            .alloc(AllocFor::Kernel(use_))
+            .map_err(|_| Errno::ENOMEM)
+    }
+
+    /// `tdp_mmu_alloc_sp` (+ `kvm_mmu_alloc_external_spt` for a mirror table below the root)
+    /// from vCPU `v`'s caches. A mirror root has no S-EPT page of its own: the S-EPT root is
+    /// the TD's.
+    pub(crate) fn alloc_sp(
+        &self,
+        cx: &Ctx,
+        v: usize,
+        level: PgLevel,
+        base: Gfn,
+        mirror: bool,
+    ) -> KvmResult<SpId> {
+        let spt = self.mmu_cache_alloc(cx, v, false)?;
+        let external_spt = if mirror && level != PgLevel::L512G {
+            match self.mmu_cache_alloc(cx, v, true) {
                 Ok(p) => Some(p),
-                Err(_) => {
+                Err(e) => {
+                    let mut host = self.host.borrow_mut();
                     let r = host.ledger.free(spt);
                     host.record(0, r);
-                    return Err(Errno::ENOMEM);
+                    return Err(e);
                 }
             }
         } else {
             None
         };
-        drop(host);
         let sp = Sp {
             level,
             base,
@@ -234,7 +312,7 @@ impl Kvm {
 
     /// `kvm_tdp_mmu_alloc_root`: an existing valid root of the kind, or a new one (refcount 2:
     /// the vCPU's and the MMU's own).
-    pub fn tdp_mmu_alloc_root(&self, mirror: bool) -> KvmResult<SpId> {
+    pub fn tdp_mmu_alloc_root(&self, cx: &Ctx, v: usize, mirror: bool) -> KvmResult<SpId> {
         {
             let mut st = self.st.borrow_mut();
             let found = st
@@ -248,7 +326,7 @@ impl Kvm {
                 return Ok(r);
             }
         }
-        let id = self.alloc_sp(PgLevel::L512G, Gfn::new(0), mirror)?;
+        let id = self.alloc_sp(cx, v, PgLevel::L512G, Gfn::new(0), mirror)?;
         let mut st = self.st.borrow_mut();
         st.mmu.sps.get_mut(&id).expect("root").refcount = 2;
         st.mmu.roots.push(id);

@@ -382,6 +382,7 @@ impl Kvm {
             mmu_seq: 0,
         };
         self.kvm_mmu_reload(cx, v)?;
+        self.mmu_topup_memory_caches(v)?;
         let r = loop {
             if self.take_signal(v) {
                 return Err(Errno::EINTR);
