@@ -33,3 +33,36 @@ pub fn eio(errors: &[(VmmOp, Errno)]) -> Vec<String> {
         .map(|(op, e)| format!("{op:?} returned {e}"))
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(fatal: bool) -> BugReport {
+        BugReport {
+            step: 1,
+            location: "kvm_mmu_memory_cache_alloc",
+            what: "empty cache".into(),
+            fatal,
+        }
+    }
+
+    #[test]
+    fn warns_and_bugs_both_count_after_the_mark() {
+        let bugs = vec![report(true), report(false), report(true)];
+        assert_eq!(bugs_since(&bugs, 0).len(), 3);
+        assert_eq!(bugs_since(&bugs, 1).len(), 2);
+        assert!(!bugs_since(&bugs, 1)[0].fatal, "a WARN is reported too");
+        assert!(bugs_since(&bugs, 3).is_empty());
+    }
+
+    #[test]
+    fn only_eio_and_internal_errors_count() {
+        let errs = vec![
+            (VmmOp::ZapAllFast, Errno::EAGAIN),
+            (VmmOp::ZapAllFast, Errno::EIO),
+        ];
+        assert_eq!(eio(&errs).len(), 1);
+        assert!(internal_errors(&[None, Some(ThreadEnd::Error(Errno::ENOMEM))]).is_empty());
+    }
+}

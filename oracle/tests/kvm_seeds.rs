@@ -476,3 +476,37 @@ fn a_fault_that_cannot_top_up_its_caches_is_enomem() {
         None
     );
 }
+
+/// `kvm_handle_gfn_range` (flush_on_ret) and `__kvm_gmem_invalidate_begin`: a zap that removed
+/// a mapping ends with `kvm_flush_remote_tlbs` under mmu_lock, KVM_REQ_TLB_FLUSH to every vCPU;
+/// a zap that found nothing does not flush.
+#[test]
+fn a_zap_that_removed_a_mapping_flushes_remote_tlbs() {
+    let flushes = |s: &Stack| {
+        s.ex.trace()
+            .events()
+            .filter(|e| {
+                matches!(e.point, Point::Note { what: "kvm_make_all_cpus_request", a, .. }
+                    if a == u64::from(harness::kvm::Request::TlbFlush.bit()))
+            })
+            .count()
+    };
+    let mut s = stack("upstream", 1);
+    warm_up(&mut s);
+    let before = flushes(&s);
+    // Nothing is mapped at 0x30: no flush.
+    s.run_setup(|cx, kvm| async move {
+        kvm.set_memory_attributes(&cx, Gfn::new(0x30), Gfn::new(0x31), false)
+            .await
+            .unwrap();
+    });
+    assert_eq!(flushes(&s), before);
+    // 0x10 is mapped: the conversion removes it and flushes.
+    s.run_setup(|cx, kvm| async move {
+        kvm.set_memory_attributes(&cx, Gfn::new(0x10), Gfn::new(0x11), false)
+            .await
+            .unwrap();
+    });
+    assert_eq!(flushes(&s), before + 1);
+    assert!(s.kvm.test_request(0, harness::kvm::Request::TlbFlush));
+}

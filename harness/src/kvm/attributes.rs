@@ -78,9 +78,13 @@ impl Kvm {
         if intersects {
             self.mmu_lock.write(cx).await;
             self.mmu_invalidate_begin(start, end);
-            if !self.st.borrow().injected.skip_convert_zap {
-                self.kvm_tdp_mmu_unmap_gfn_range(cx, start, end, !private, private)
-                    .await;
+            // kvm_handle_gfn_range with flush_on_ret: flush under mmu_lock if anything went.
+            if !self.st.borrow().injected.skip_convert_zap
+                && self
+                    .kvm_tdp_mmu_unmap_gfn_range(cx, start, end, !private, private)
+                    .await
+            {
+                self.kvm_flush_remote_tlbs(cx).await;
             }
             self.mmu_lock.write_unlock(cx).await;
         }

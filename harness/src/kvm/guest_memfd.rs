@@ -144,13 +144,16 @@ impl Kvm {
         // kvm_mmu_invalidate_begin + kvm_mmu_invalidate_range_add of each binding: the range
         // grows to the union, which is what one begin over [lo, hi) records.
         self.mmu_invalidate_begin(lo, hi);
+        let mut flush = false;
         for b in bindings {
             // attr_filter PRIVATE (the file was not created INIT_SHARED): mirror roots only.
-            self.kvm_tdp_mmu_unmap_gfn_range(cx, b.start, b.end, true, false)
+            flush |= self
+                .kvm_tdp_mmu_unmap_gfn_range(cx, b.start, b.end, true, false)
                 .await;
         }
-        // No remote TLB flush here: for private mappings the removal hook's TRACK and kick
-        // are the flush.
+        if flush {
+            self.kvm_flush_remote_tlbs(cx).await;
+        }
         self.mmu_lock.write_unlock(cx).await;
         if self.policy.sept_off_to_side {
             for b in bindings {

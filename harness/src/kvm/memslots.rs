@@ -199,12 +199,16 @@ impl Kvm {
     }
 
     /// `kvm_mmu_zap_memslot`: mmu_lock for write, unmap the slot's range on mirror, direct and
-    /// invalid roots. Policy `sept_off_to_side` (seed 001) unmaps the private pages under
-    /// `sept_lock`.
+    /// invalid roots, flush remote TLBs if anything went. Policy `sept_off_to_side` (seed 001)
+    /// unmaps the private pages under `sept_lock`.
     pub async fn kvm_mmu_zap_memslot(&self, cx: &Ctx, start: Gfn, end: Gfn) {
         self.mmu_lock.write(cx).await;
-        self.kvm_tdp_mmu_unmap_gfn_range(cx, start, end, true, true)
-            .await;
+        if self
+            .kvm_tdp_mmu_unmap_gfn_range(cx, start, end, true, true)
+            .await
+        {
+            self.kvm_flush_remote_tlbs(cx).await;
+        }
         self.mmu_lock.write_unlock(cx).await;
         if self.policy.sept_off_to_side {
             self.sept_side_unmap(cx, start, end).await;

@@ -66,6 +66,14 @@ impl Kvm {
         self.st.borrow().vcpus[vcpu].requests != 0
     }
 
+    /// `kvm_flush_remote_tlbs`: x86 has no `flush_remote_tlbs` hook for a TD, so this is
+    /// KVM_REQ_TLB_FLUSH to every vCPU, waiting for those in guest mode to exit. (For private
+    /// mappings the removal hook's TDH.MEM.TRACK and kick already flushed; upstream flushes
+    /// anyway, and so does the model.)
+    pub async fn kvm_flush_remote_tlbs(&self, cx: &Ctx) {
+        self.make_all_cpus_request(cx, Request::TlbFlush).await;
+    }
+
     /// `kvm_make_all_cpus_request`: set the request on every vCPU, kick those in guest mode
     /// (IN_GUEST_MODE -> EXITING_GUEST_MODE, the IPI), and for KVM_REQUEST_WAIT requests wait
     /// until every kicked vCPU has left guest mode.
