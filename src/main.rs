@@ -98,6 +98,20 @@ fn policy(name: &str) -> Result<Policy> {
 }
 
 fn main() -> ExitCode {
+    // `tdxfuzz run ... | head` closes stdout early: end quietly, as a shell tool does, instead
+    // of panicking in println!.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)

@@ -116,7 +116,7 @@ fn kick(kvm: &Kvm, v: usize, signal: bool) {
     }
 }
 
-async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp, exited: &[Completion]) -> Result<(), Errno> {
+async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp) -> Result<(), Errno> {
     cx.yield_at("vmm op").await;
     match op {
         VmmOp::Convert {
@@ -218,14 +218,29 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp, exited: &[Completion]) -> Result
             Ok(())
         }
         VmmOp::Destroy => {
-            // The VMM stops every vCPU thread before it closes the VM.
-            for c in exited {
-                c.wait(cx).await;
-            }
+            // The caller has waited for every vCPU and VMM thread (`destroy_when_last`).
             kvm.destroy_vm(cx).await;
             Ok(())
         }
     }
+}
+
+/// Before VmmOp::Destroy: the VM goes with the last reference to it (`kvm_put_kvm`). This
+/// thread closes its fd (`mine`: it issues nothing more), the VMM stops every vCPU thread
+/// (`exited`), every other VMM thread finishes its ioctls (`vmm_done`: one in flight holds the
+/// fd); a second close finds the VM gone (false).
+async fn destroy_when_last(
+    cx: &Ctx,
+    mine: Completion,
+    vmm_done: &[Completion],
+    exited: &[Completion],
+    destroyed: &Cell<bool>,
+) -> bool {
+    mine.complete_all(cx).await;
+    for c in vmm_done.iter().chain(exited) {
+        c.wait(cx).await;
+    }
+    !destroyed.replace(true)
 }
 
 /// `Until::Point` names are `&'static str`; text scenarios name points at run time (a few
@@ -247,6 +262,14 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
     let destroyed = Rc::new(Cell::new(false));
     let thread_ends: Vec<Rc<Cell<Option<ThreadEnd>>>> =
         (0..sc.vcpus).map(|_| Rc::default()).collect();
+    // One per VMM task: done issuing ioctls (its ops ended, or it reached Destroy).
+    let vmm_done: Vec<Completion> = sc
+        .tasks
+        .iter()
+        .filter(|t| matches!(t.ops, TaskOps::Vmm(_)))
+        .map(|_| Completion::new(&cx, "vmm thread done"))
+        .collect();
+    let mut next_vmm = 0;
     let mut tasks = Vec::new();
     for t in &sc.tasks {
         let id = match (&t.ops, t.name) {
@@ -273,16 +296,23 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                     exited.clone(),
                     destroyed.clone(),
                 );
+                let (mine, all) = (vmm_done[next_vmm], vmm_done.clone());
+                next_vmm += 1;
                 stack.ex.spawn(t.name.label(), async move {
                     for op in ops {
-                        if let Err(e) = vmm_op(&kvm, &cx2, op, &ex).await {
+                        if op == VmmOp::Destroy
+                            && !destroy_when_last(&cx2, mine, &all, &ex, &d).await
+                        {
+                            break;
+                        }
+                        if let Err(e) = vmm_op(&kvm, &cx2, op).await {
                             errs.borrow_mut().push((op, e));
                         }
                         if op == VmmOp::Destroy {
-                            d.set(true);
                             break;
                         }
                     }
+                    mine.complete_all(&cx2).await;
                 })
             }
             _ => unreachable!("the parser pairs guest ops with vCPU tasks"),

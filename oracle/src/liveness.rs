@@ -44,8 +44,32 @@ fn wait_name(w: WaitOn, objs: &[&'static str]) -> String {
     }
 }
 
-/// What a runnable task is looping in: the yield point it passed most often in `tail`, without
-/// arguments (a stable name for the loop, whatever iteration the budget stopped it in).
+/// The model's retry loops, outermost first, by a yield point each iteration passes, with the
+/// upstream function that loops.
+const LOOP_HEADS: [(&str, &str); 6] = [
+    ("vcpu_enter_guest", "vcpu_run"),
+    (
+        "kvm_vcpu_pre_fault_memory:cond_resched",
+        "kvm_vcpu_pre_fault_memory",
+    ),
+    ("kvm_tdp_map_page:cond_resched", "kvm_tdp_map_page"),
+    (
+        "tdx_vcpu_init_mem_region:cond_resched",
+        "tdx_vcpu_init_mem_region",
+    ),
+    (
+        "kvm_tdp_mmu_map_private_pfn:cond_resched",
+        "kvm_tdp_mmu_map_private_pfn",
+    ),
+    (
+        "tdx_handle_ept_violation:cond_resched",
+        "tdx_handle_ept_violation",
+    ),
+];
+
+/// What a runnable task is looping in: the outermost retry loop whose head it passed in `tail`
+/// (so one hang has one name, whichever point of the iteration the budget stopped it at), or
+/// else the yield point it passed most often, without arguments.
 fn loop_name(tail: &[harness::sched::TraceEvent], t: harness::sched::TaskId) -> Option<String> {
     use harness::sched::Point;
     let mut counts: std::collections::BTreeMap<&'static str, usize> =
@@ -54,6 +78,9 @@ fn loop_name(tail: &[harness::sched::TraceEvent], t: harness::sched::TaskId) -> 
         if let Point::Yield(n) | Point::YieldArg(n, _) = ev.point {
             *counts.entry(n).or_default() += 1;
         }
+    }
+    if let Some((_, f)) = LOOP_HEADS.iter().find(|(p, _)| counts.contains_key(p)) {
+        return Some(format!("loop in {f}"));
     }
     counts
         .into_iter()
@@ -75,9 +102,13 @@ pub fn wedged_by_zero_step(kvm: &Kvm, v: usize) -> Option<Gfn> {
     }
 }
 
+/// What a task can sleep on behind a wedged vCPU.
+const BEHIND_A_VCPU: [&str; 3] = ["vcpu thread exit", "vmm thread done", "vcpu->mutex"];
+
 /// Whether a run that ran out of steps only because vCPUs are wedged by zero-step mitigation
-/// (`wedged_by_zero_step`), with every other unfinished task waiting for a vCPU thread to
-/// exit. Returns the wedged vCPUs as a note.
+/// (`wedged_by_zero_step`), every other unfinished task asleep behind them: waiting for a vCPU
+/// thread to exit, for `vcpu->mutex` (KVM_RUN holds it), or for a VMM thread that does.
+/// Returns the wedged vCPUs as a note.
 pub fn wedged_only(rep: &BudgetReport, ex: &Executor, kvm: &Kvm) -> Option<String> {
     let names = ex.task_names();
     let objs = ex.obj_names();
@@ -92,8 +123,8 @@ pub fn wedged_only(rep: &BudgetReport, ex: &Executor, kvm: &Kvm) -> Option<Strin
                 let gfn = wedged_by_zero_step(kvm, v)?;
                 wedged.push(format!("{name} on {gfn}"));
             }
-            (None, Some(w @ WaitOn::Completion(_)))
-                if objs[w.obj().0 as usize] == "vcpu thread exit" => {}
+            (None, Some(w @ (WaitOn::Completion(_) | WaitOn::Mutex(_))))
+                if BEHIND_A_VCPU.contains(&objs[w.obj().0 as usize]) => {}
             _ => return None,
         }
     }
@@ -160,7 +191,7 @@ pub fn check_outcome(
         }
         Outcome::BudgetExhausted(rep) => {
             let tail = ex.trace().tail(RECENT * 8);
-            let mut points: Vec<String> = rep
+            let points: Vec<String> = rep
                 .pending
                 .iter()
                 .map(|(t, p, w)| match w {
@@ -174,6 +205,18 @@ pub fn check_outcome(
                     }),
                 })
                 .collect();
+            // The signature names the loops that burn steps; tasks asleep behind them are
+            // consequences (in the detail, not the key), unless nothing spins at all.
+            let mut key_points: Vec<String> = rep
+                .pending
+                .iter()
+                .zip(&points)
+                .filter(|((_, _, w), _)| w.is_none())
+                .map(|(_, p)| p.clone())
+                .collect();
+            if key_points.is_empty() {
+                key_points = points.clone();
+            }
             let tasks: Vec<String> = rep
                 .pending
                 .iter()
@@ -185,8 +228,8 @@ pub fn check_outcome(
                 .map(|(t, p)| format!("{t} last at {p}"))
                 .collect::<Vec<_>>()
                 .join("; ");
-            points.sort();
-            points.dedup();
+            key_points.sort();
+            key_points.dedup();
             if !rep.cycle.is_empty() {
                 // Some tasks spin instead of sleeping, but they wait on each other in a cycle.
                 let mut waits: Vec<String> = rep
@@ -220,7 +263,7 @@ pub fn check_outcome(
             Some(Violation {
                 kind: ViolationKind::Liveness,
                 location,
-                key: format!("no-progress:{}", points.join("+")),
+                key: format!("no-progress:{}", key_points.join("+")),
                 detail: format!("no progress after {} steps: {detail}", rep.steps),
                 step: rep.steps,
                 tasks,

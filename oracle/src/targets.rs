@@ -143,17 +143,14 @@ pub fn is_known(sc: &harness::scenario::Scenario, v: &Violation) -> bool {
         TaskOps::Vmm(ops) => ops.contains(&VmmOp::ZapAllFast),
         TaskOps::Guest(_) => false,
     });
-    // upstream--finding-fast-zap-vs-ept-loop: the EPT-violation retry loop spins on a stale
-    // direct root after kvm_mmu_zap_all_fast.
+    // upstream--finding-fast-zap-vs-ept-loop and upstream--finding-fast-zap-vs-prefault: the
+    // EPT-violation retry loop and the prefault retry loop spin on a stale direct root after
+    // kvm_mmu_zap_all_fast.
     fast_zap
         && v.kind == crate::ViolationKind::Liveness
-        && [
-            "kvm_mmu_faultin_pfn",
-            "kvm_tdp_mmu_page_fault",
-            "tdx_handle_ept_violation",
-        ]
-        .iter()
-        .any(|l| v.key.contains(l))
+        && ["tdx_handle_ept_violation", "kvm_tdp_map_page"]
+            .iter()
+            .any(|l| v.key.contains(l))
 }
 
 /// `stack` without the known findings (for the libFuzzer target).

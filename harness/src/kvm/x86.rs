@@ -26,11 +26,21 @@ pub enum RunExit {
 }
 
 impl Kvm {
+    /// KVM_RUN through `kvm_vcpu_ioctl`: under `vcpu->mutex` (so no other ioctl of this vCPU,
+    /// e.g. KVM_PRE_FAULT_MEMORY, runs meanwhile), `kvm_arch_vcpu_ioctl_run`.
+    pub async fn kvm_run(&self, cx: &Ctx, v: usize) -> KvmResult<RunExit> {
+        let mutex = self.st.borrow().vcpus[v].mutex;
+        mutex.lock(cx).await;
+        let r = self.kvm_arch_vcpu_ioctl_run(cx, v).await;
+        mutex.unlock(cx).await;
+        r
+    }
+
     /// `kvm_arch_vcpu_ioctl_run` -> `vcpu_run`: loop entering the guest until an exit needs
     /// userspace; runs inside `kvm->srcu` except while the guest runs. Refused with -EIO on a
     /// dead VM (`kvm_vcpu_ioctl`), and with -EINVAL until both the TD is RUNNABLE and the vCPU
     /// INITIALIZED (`tdx_vcpu_needs_initialization`).
-    pub async fn kvm_run(&self, cx: &Ctx, v: usize) -> KvmResult<RunExit> {
+    async fn kvm_arch_vcpu_ioctl_run(&self, cx: &Ctx, v: usize) -> KvmResult<RunExit> {
         {
             let st = self.st.borrow();
             if st.dead {

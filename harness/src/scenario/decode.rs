@@ -1,10 +1,15 @@
 //! Bytes -> scenario. Every byte string decodes to a valid, bounded scenario: ops refer to a
 //! handful of gfns by index (so short inputs already collide on the same pages and tables),
-//! vCPUs by index, and the bytes left over become the schedule.
+//! vCPUs by index, and the bytes left over become the schedule. The fields come in the order a
+//! short input should spend its bytes on: vCPU count, the VMM's ops, the guests' programs,
+//! then build-time pages and a second VMM thread.
 
 use arbitrary::{Arbitrary, Unstructured};
 
-use super::{Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, VmmOp, MAX_TASK_OPS};
+use super::{
+    Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, VmmOp, MAX_TASK_OPS, MAX_VCPUS,
+    MAX_VMM_TASKS,
+};
 use crate::addr::Gfn;
 
 /// The gfns ops choose from: three pages sharing a 4K table, two in the next 2M region, one in
@@ -33,14 +38,20 @@ enum RawVmm {
     Interrupt(u8),
     ZapAllFast,
     ZeroStep(u8, u8),
+    CreateSlot,
+    AllocFail(u8),
 }
 
 #[derive(Arbitrary, Debug)]
 struct Raw {
-    two_vcpus: bool,
+    vcpus: u8,
     vmm: Vec<RawVmm>,
-    guest: [Vec<RawGuest>; 2],
+    guest: [Vec<RawGuest>; MAX_VCPUS as usize],
     destroy: bool,
+    /// KVM_TDX_INIT_MEM_REGION pages (gfn index, content).
+    init: Vec<(u8, u8)>,
+    /// A second VMM thread racing the first.
+    vmm1: Vec<RawVmm>,
 }
 
 /// A vCPU's program from raw ops, as a well-behaved guest writes it: vCPU `v` of `vcpus` only
@@ -121,7 +132,17 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
             vcpu: v % vcpus,
             gfn: gfn(g),
         },
+        RawVmm::CreateSlot => VmmOp::CreateSlot,
+        // A few failures: enough to hit a topup or a guest_memfd allocation, not the whole run.
+        RawVmm::AllocFail(n) => VmmOp::AllocFail { n: 1 + n % 4 },
     }
+}
+
+fn vmm_ops(raw: &[RawVmm], vcpus: u8) -> Vec<VmmOp> {
+    raw.iter()
+        .take(MAX_TASK_OPS - 1)
+        .map(|r| vmm(r, vcpus))
+        .collect()
 }
 
 /// Decodes fuzz input: the first byte is the length of the op part; the rest is the schedule.
@@ -133,12 +154,19 @@ pub fn decode(data: &[u8]) -> Scenario {
     let (ops, sched) = data.get(1..).unwrap_or(&[]).split_at(split);
     let mut u = Unstructured::new(ops);
     let raw = Raw::arbitrary(&mut u).unwrap_or(Raw {
-        two_vcpus: false,
+        vcpus: 0,
         vmm: Vec::new(),
-        guest: [Vec::new(), Vec::new()],
+        guest: Default::default(),
         destroy: false,
+        init: Vec::new(),
+        vmm1: Vec::new(),
     });
-    let vcpus = if raw.two_vcpus { 2 } else { 1 };
+    // Mostly one or two vCPUs (the MMU races need two), sometimes up to MAX_VCPUS.
+    let vcpus = match raw.vcpus % 8 {
+        0..=3 => 1,
+        4..=6 => 2,
+        _ => 2 + (raw.vcpus / 8) % (MAX_VCPUS - 1),
+    };
     let mut tasks = Vec::new();
     for (i, g) in raw.guest.iter().enumerate().take(usize::from(vcpus)) {
         tasks.push(Task {
@@ -146,24 +174,33 @@ pub fn decode(data: &[u8]) -> Scenario {
             ops: TaskOps::Guest(guest_program(g, i as u8, vcpus)),
         });
     }
-    let mut v: Vec<VmmOp> = raw
-        .vmm
-        .iter()
-        .take(MAX_TASK_OPS - 1)
-        .map(|r| vmm(r, vcpus))
-        .collect();
+    let mut v = vmm_ops(&raw.vmm, vcpus);
     if raw.destroy {
         v.push(VmmOp::Destroy);
     }
-    if !v.is_empty() {
-        tasks.push(Task {
-            name: TaskName::Vmm(0),
-            ops: TaskOps::Vmm(v),
-        });
+    let v1 = vmm_ops(&raw.vmm1, vcpus);
+    for (i, ops) in [v, v1]
+        .into_iter()
+        .enumerate()
+        .take(usize::from(MAX_VMM_TASKS))
+    {
+        if !ops.is_empty() {
+            tasks.push(Task {
+                name: TaskName::Vmm(i as u8),
+                ops: TaskOps::Vmm(ops),
+            });
+        }
+    }
+    let mut init_pages: Vec<(Gfn, u64)> = Vec::new();
+    for &(g, value) in raw.init.iter().take(MAX_TASK_OPS) {
+        let g = gfn(g);
+        if !init_pages.iter().any(|(p, _)| *p == g) {
+            init_pages.push((g, u64::from(value) + 1));
+        }
     }
     Scenario {
         vcpus,
-        init_pages: Vec::new(),
+        init_pages,
         tasks,
         schedule: Schedule::Bytes(sched.iter().take(4096).copied().collect()),
         expect: Expect::None,
@@ -181,7 +218,7 @@ mod tests {
         for n in 0..2000usize {
             let data: Vec<u8> = (0..n % 300).map(|_| rng.next_u64() as u8).collect();
             let s = decode(&data);
-            assert!((1..=2).contains(&s.vcpus));
+            assert!((1..=MAX_VCPUS).contains(&s.vcpus));
             let t = print(&s);
             assert_eq!(parse(&t).unwrap(), s, "{t}");
         }
