@@ -728,13 +728,19 @@ fn vp_addcx_after_vp_init_is_vcpu_state_incorrect() {
     });
 }
 
-/// VP.ADDCX check 6: num_tdvps_pages already at the maximum gives TDCX_NUM_INCORRECT.
+/// VP.ADDCX check 6: num_tdvps_pages already at MAX_TDVPS_PAGES gives TDCX_NUM_INCORRECT.
 #[test]
 fn vp_addcx_too_many_pages() {
     let mut b = bench(1);
     b.run(|cx, m| async move {
         let tdr = initialized_td(&cx, &m, HKID, 4).await;
         let tdvpr = created_vcpu(&cx, &m, tdr).await;
+        // Past the minimum KVM adds, up to MAX_TDVPS_PAGES in all.
+        let have = m.state().config.tdvps_pages;
+        for _ in have..MAX_TDVPS_PAGES {
+            let p = alloc(&m, KernelUse::Tdcx);
+            assert_eq!(st(m.tdh_vp_addcx(&cx, tdvpr, p).await), SUCCESS);
+        }
         let p = alloc(&m, KernelUse::Tdcx);
         assert_eq!(st(m.tdh_vp_addcx(&cx, tdvpr, p).await), TDCX_NUM_INCORRECT);
         assert_eq!(m.state().pamt.get(p).pt, PageType::Nda);

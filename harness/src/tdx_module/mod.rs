@@ -41,7 +41,7 @@ pub use sept::{Sept, SeptEntry, SeptState};
 pub use status::{Code, Operand, SeamErr, SeamResult, SeptDetails, Status};
 pub use td::{Lifecycle, OpState, TdParams};
 pub use tdcall::{AccessKind, AccessResult, Eeq, GuestExit, TdcallResult};
-pub use vcpu::{EnterOutcome, VcpuState};
+pub use vcpu::{EnterOutcome, VcpuState, MAX_TDVPS_PAGES};
 
 use locks::Guard;
 

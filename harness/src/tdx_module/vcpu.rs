@@ -93,6 +93,9 @@ fn count_in(
     Ok((epoch, stepping))
 }
 
+/// MAX_TDVPS_PAGES (tdx_tdvps.h): TDVPR plus every TDCX page VP.ADDCX accepts.
+pub const MAX_TDVPS_PAGES: usize = 15;
+
 /// EPF_GPA_LIST_SIZE.
 const EPF_GPA_LIST_SIZE: usize = 32;
 
@@ -189,7 +192,7 @@ impl TdxModule {
                         Operand::Detail(v.state as u32),
                     ));
                 }
-                if v.tdvps_pages() >= st.config.tdvps_pages {
+                if v.tdvps_pages() >= MAX_TDVPS_PAGES {
                     return Err(SeamErr::code(Code::TdcxNumIncorrect));
                 }
                 st.explicit_page(g, page, Operand::Rcx, PageType::Nda)?;
