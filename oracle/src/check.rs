@@ -11,6 +11,9 @@ use harness::sched::Outcome;
 
 use crate::{Violation, ViolationKind};
 
+/// Steps between checks for vCPUs wedged by zero-step mitigation (`liveness::wedged_only`).
+const WEDGE_CHECK_EVERY: u64 = 2048;
+
 /// What a per-step check found: kind, location, signature key, detail.
 type Found = (ViolationKind, &'static str, String, String);
 
@@ -83,7 +86,13 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
         (kvm.st.borrow().bugs.len(), host.borrow().refused.len());
     let mut seen = crate::state_machine::Seen::default();
     let f = found.clone();
-    let mut observer = |_: &harness::sched::StepInfo| -> bool {
+    let cx = run.stack.cx.clone();
+    let mut observer = |info: &harness::sched::StepInfo| -> bool {
+        // A run whose vCPUs zero-step mitigation has wedged for good stops here rather than
+        // burning its whole budget (checked now and then: it is final once reached).
+        if info.step % WEDGE_CHECK_EVERY == 0 && crate::liveness::wedged_only(&cx, &kvm).is_some() {
+            return false;
+        }
         let st = kvm.st.borrow();
         if let Some(b) = crate::must_not_fail::bugs_since(&st.bugs, bugs_seen).first() {
             *f.borrow_mut() = Some((
@@ -130,10 +139,8 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
         };
     }
     let wedged = match &run.outcome {
-        Outcome::BudgetExhausted(rep) => {
-            crate::liveness::wedged_only(rep, &run.stack.ex, &run.stack.kvm)
-        }
-        _ => None,
+        Outcome::AllDone => None,
+        _ => crate::liveness::wedged_only(&run.stack.cx, &run.stack.kvm),
     };
     let v = end_checks(sc, &run, wedged.is_some());
     Report {

@@ -3,7 +3,7 @@
 
 use harness::addr::Gfn;
 use harness::kvm::Kvm;
-use harness::sched::{BudgetReport, Executor, Outcome, PointDisplay, WaitOn};
+use harness::sched::{Ctx, Executor, Outcome, PointDisplay, WaitOn};
 use harness::tdx_module::SeptState;
 
 use crate::{Violation, ViolationKind};
@@ -105,16 +105,15 @@ pub fn wedged_by_zero_step(kvm: &Kvm, v: usize) -> Option<Gfn> {
 /// What a task can sleep on behind a wedged vCPU.
 const BEHIND_A_VCPU: [&str; 3] = ["vcpu thread exit", "vmm thread done", "vcpu->mutex"];
 
-/// Whether a run that ran out of steps only because vCPUs are wedged by zero-step mitigation
-/// (`wedged_by_zero_step`), every other unfinished task asleep behind them: waiting for a vCPU
-/// thread to exit, for `vcpu->mutex` (KVM_RUN holds it), or for a VMM thread that does.
-/// Returns the wedged vCPUs as a note.
-pub fn wedged_only(rep: &BudgetReport, ex: &Executor, kvm: &Kvm) -> Option<String> {
-    let names = ex.task_names();
-    let objs = ex.obj_names();
+/// Whether the unfinished tasks make no progress only because vCPUs are wedged by zero-step
+/// mitigation (`wedged_by_zero_step`), every other one asleep behind them: waiting for a vCPU
+/// thread to exit, for `vcpu->mutex` (KVM_RUN holds it), or for a VMM thread that does. That
+/// state is final (nothing left can accept the page), so a run can stop as soon as it is
+/// reached. Returns the wedged vCPUs as a note.
+pub fn wedged_only(cx: &Ctx, kvm: &Kvm) -> Option<String> {
     let mut wedged = Vec::new();
-    for (t, _, wait) in &rep.pending {
-        let name = &names[t.0 as usize];
+    for (t, _, wait) in cx.pending() {
+        let name = cx.task_name(t);
         let vcpu = name
             .strip_prefix("vcpu")
             .and_then(|n| n.parse::<usize>().ok());
@@ -124,7 +123,7 @@ pub fn wedged_only(rep: &BudgetReport, ex: &Executor, kvm: &Kvm) -> Option<Strin
                 wedged.push(format!("{name} on {gfn}"));
             }
             (None, Some(w @ (WaitOn::Completion(_) | WaitOn::Mutex(_))))
-                if BEHIND_A_VCPU.contains(&objs[w.obj().0 as usize]) => {}
+                if BEHIND_A_VCPU.contains(&cx.obj_name(w.obj())) => {}
             _ => return None,
         }
     }

@@ -100,6 +100,8 @@ impl Kvm {
         r
     }
 
+    /// The KVM_MR_CREATE checks of `kvm_set_memory_region` (no overlap, a free slot id, a
+    /// guest_memfd range inside the file) and `kvm_gmem_bind`, with slots_lock held.
     fn create_memslot_locked(
         &self,
         id: SlotId,

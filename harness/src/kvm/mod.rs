@@ -289,6 +289,7 @@ impl Kvm {
         }
     }
 
+    /// `kvm->vm_dead` (set by `kvm_vm_dead` and by a KVM_BUG_ON).
     pub fn is_dead(&self) -> bool {
         self.st.borrow().dead
     }

@@ -74,6 +74,7 @@ impl Kvm {
         r
     }
 
+    /// What `vcpu->run` tells userspace when KVM_RUN returns (exit_reason and its data).
     fn take_run_exit(&self, v: usize) -> RunExit {
         let mut st = self.st.borrow_mut();
         let g = &mut st.vcpus[v].guest;

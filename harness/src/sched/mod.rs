@@ -180,6 +180,30 @@ impl Ctx {
         self.0.tasks.borrow()[t.0 as usize].name.clone()
     }
 
+    /// Every unfinished task with the last point it yielded at and what it sleeps on, if it
+    /// does (what a budget report lists, available to observers mid-run).
+    pub fn pending(&self) -> Vec<(TaskId, Point, Option<WaitOn>)> {
+        self.0
+            .tasks
+            .borrow()
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.state != TaskState::Done)
+            .map(|(i, t)| {
+                let wait = match t.state {
+                    TaskState::Blocked(w) => Some(w),
+                    _ => None,
+                };
+                (TaskId(i as u32), t.last_point, wait)
+            })
+            .collect()
+    }
+
+    /// Name of a blocking object, for messages.
+    pub fn obj_name(&self, o: ObjId) -> &'static str {
+        self.0.objs.borrow()[o.0 as usize].name
+    }
+
     /// True if the task has finished.
     pub fn is_done(&self, t: TaskId) -> bool {
         self.0.tasks.borrow()[t.0 as usize].state == TaskState::Done
@@ -464,23 +488,10 @@ impl Executor {
 
     fn budget_report(&self) -> BudgetReport {
         let ctx = self.ctx();
-        let cycle = waitgraph::any_cycle(&ctx);
-        let tasks = self.core.tasks.borrow();
         BudgetReport {
-            cycle,
+            cycle: waitgraph::any_cycle(&ctx),
             steps: self.core.step.get(),
-            pending: tasks
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| t.state != TaskState::Done)
-                .map(|(i, t)| {
-                    let wait = match t.state {
-                        TaskState::Blocked(w) => Some(w),
-                        _ => None,
-                    };
-                    (TaskId(i as u32), t.last_point, wait)
-                })
-                .collect(),
+            pending: ctx.pending(),
         }
     }
 

@@ -128,6 +128,7 @@ impl TdxModule {
             .map_err(|e| TdcallRet::status(e.status))
     }
 
+    /// The moment a TDCALL holds its locks (other SEAMCALLs and TDCALLs may run).
     async fn tdcall_window(&self, cx: &Ctx, leaf: Leaf) {
         cx.yield_now(Point::Yield(window_name(leaf))).await;
     }
@@ -150,6 +151,8 @@ impl TdxModule {
         r
     }
 
+    /// The body of `tdg_mem_page_accept` for the TD of the running vCPU (walk, entry lock with
+    /// guest priority, the failure cases of `check_tdaccept_failure`, zeroing, MAPPED).
     async fn accept_inner(&self, cx: &Ctx, tdr: Pfn, gpa: Gpa, level: PgLevel) -> TdcallResult {
         let leaf = Leaf::TdgMemPageAccept;
         if !page_info_ok(gpa, level, PgLevel::L4K, PgLevel::L2M) || !private_gpa_ok(gpa) {
