@@ -90,7 +90,9 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
     let mut observer = |info: &harness::sched::StepInfo| -> bool {
         // A run whose vCPUs zero-step mitigation has wedged for good stops here rather than
         // burning its whole budget (checked now and then: it is final once reached).
-        if info.step % WEDGE_CHECK_EVERY == 0 && crate::liveness::wedged_only(&cx, &kvm).is_some() {
+        if info.step.is_multiple_of(WEDGE_CHECK_EVERY)
+            && crate::liveness::wedged_only(&cx, &kvm).is_some()
+        {
             return false;
         }
         let st = kvm.st.borrow();
