@@ -97,3 +97,40 @@ fn identical_input_gives_identical_traces() {
         assert!(a == b, "{}: traces differ", f.display());
     }
 }
+
+/// The evidence scenarios that inject a kernel bug (`upstream--injected-*`) fire only because of
+/// it: without the injection ops the same scenario is clean.
+#[test]
+fn injected_bugs_are_what_the_oracle_sees() {
+    use harness::scenario::{TaskOps, VmmOp};
+    let mut seen = 0;
+    for f in files() {
+        let name = f.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with("upstream--injected-") {
+            continue;
+        }
+        let (_, mut sc) = load(&f);
+        let before = kind_under(&sc, Policy::UPSTREAM);
+        assert!(before.is_some(), "{name} must fire with its injection");
+        for t in &mut sc.tasks {
+            if let TaskOps::Vmm(ops) = &mut t.ops {
+                ops.retain(|op| {
+                    !matches!(
+                        op,
+                        VmmOp::InjectSkipConvertZap | VmmOp::InjectSkipInGuestMode
+                    )
+                });
+            }
+        }
+        assert_eq!(
+            kind_under(&sc, Policy::UPSTREAM),
+            None,
+            "{name} without injection"
+        );
+        seen += 1;
+    }
+    assert!(
+        seen >= 2,
+        "the guest_memory and state_machine evidence files"
+    );
+}
