@@ -10,7 +10,7 @@
 //! comparison runs against its side record (`SeptSide`, tables and 4K leaves), and any private
 //! mapping in a mirror root is itself a desync (the design never faults private memory in).
 
-use harness::addr::{Gfn, PgLevel};
+use harness::addr::{Gfn, Pfn, PgLevel};
 use harness::kvm::{Kvm, KvmState};
 use harness::tdx_module::{SeptState, Td};
 
@@ -51,62 +51,20 @@ pub fn check(kvm: &Kvm, quiescent: bool) -> Vec<String> {
                 continue;
             };
             let ext = st.mmu.get(child).external_spt;
-            match td.sept.get(level, gfn) {
-                Some(e) if matches!(e.state, SeptState::NlMapped | SeptState::NlBlocked) => {
-                    if Some(e.pfn) != ext {
-                        bad.push(format!(
-                            "mirror table {level} {gfn}: S-EPT page {} but external_spt {ext:?}",
-                            e.pfn
-                        ));
-                    }
-                }
-                other => bad.push(format!(
-                    "mirror table {level} {gfn} present, S-EPT {:?}",
-                    other.map(|e| e.state)
-                )),
-            }
+            check_table(&mut bad, td, "mirror", level, gfn, ext);
         }
         for (_, _, level, gfn, spte) in st.mmu.leaves(root, Gfn::new(0), Gfn::new(u64::MAX >> 12)) {
             seen_leaves.push((level, gfn));
-            match td.sept.get(level, gfn) {
-                Some(e)
-                    if matches!(
-                        e.state,
-                        SeptState::Mapped
-                            | SeptState::Pending
-                            | SeptState::Blocked
-                            | SeptState::PendingBlocked
-                    ) =>
-                {
-                    if e.pfn != spte.pfn() {
-                        bad.push(format!(
-                            "mirror leaf {gfn} -> {}, S-EPT -> {}",
-                            spte.pfn(),
-                            e.pfn
-                        ));
-                    }
-                    if quiescent && e.state.is_blocked() {
-                        bad.push(format!(
-                            "S-EPT leaf {gfn} left {:?} at a quiescent point",
-                            e.state
-                        ));
-                    }
-                }
-                other => bad.push(format!(
-                    "mirror leaf {gfn} present, S-EPT {:?}",
-                    other.map(|e| e.state)
-                )),
-            }
-            let slot = st.memslots.lookup(gfn);
-            let want = slot
-                .and_then(|s| s.gmem_index(gfn))
-                .and_then(|(f, i)| st.gmem.files.get(&f).and_then(|g| g.pages.get(&i)).copied());
-            if want != Some(spte.pfn()) {
-                bad.push(format!(
-                    "mirror leaf {gfn} -> {}, guest_memfd has {want:?}",
-                    spte.pfn()
-                ));
-            }
+            check_leaf(
+                &mut bad,
+                &st,
+                td,
+                "mirror",
+                level,
+                gfn,
+                spte.pfn(),
+                quiescent,
+            );
         }
         if quiescent {
             for (sp, idx) in st.mmu.frozen() {
@@ -150,57 +108,10 @@ fn check_side(st: &KvmState, td: &Td, quiescent: bool) -> Vec<String> {
         }
     }
     for (&(level, gfn), &page) in &side.tables {
-        match td.sept.get(level, gfn) {
-            Some(e) if matches!(e.state, SeptState::NlMapped | SeptState::NlBlocked) => {
-                if e.pfn != page {
-                    bad.push(format!(
-                        "side table {level} {gfn}: S-EPT page {} but KVM added {page}",
-                        e.pfn
-                    ));
-                }
-            }
-            other => bad.push(format!(
-                "side table {level} {gfn} present, S-EPT {:?}",
-                other.map(|e| e.state)
-            )),
-        }
+        check_table(&mut bad, td, "side", level, gfn, Some(page));
     }
     for (&gfn, &pfn) in &side.leaves {
-        match td.sept.get(PgLevel::L4K, gfn) {
-            Some(e)
-                if matches!(
-                    e.state,
-                    SeptState::Mapped
-                        | SeptState::Pending
-                        | SeptState::Blocked
-                        | SeptState::PendingBlocked
-                ) =>
-            {
-                if e.pfn != pfn {
-                    bad.push(format!("side leaf {gfn} -> {pfn}, S-EPT -> {}", e.pfn));
-                }
-                if quiescent && e.state.is_blocked() {
-                    bad.push(format!(
-                        "S-EPT leaf {gfn} left {:?} at a quiescent point",
-                        e.state
-                    ));
-                }
-            }
-            other => bad.push(format!(
-                "side leaf {gfn} present, S-EPT {:?}",
-                other.map(|e| e.state)
-            )),
-        }
-        let want = st
-            .memslots
-            .lookup(gfn)
-            .and_then(|s| s.gmem_index(gfn))
-            .and_then(|(f, i)| st.gmem.files.get(&f).and_then(|g| g.pages.get(&i)).copied());
-        if want != Some(pfn) {
-            bad.push(format!(
-                "side leaf {gfn} -> {pfn}, guest_memfd has {want:?}"
-            ));
-        }
+        check_leaf(&mut bad, st, td, "side", PgLevel::L4K, gfn, pfn, quiescent);
     }
     if quiescent {
         for (level, gfn, e) in td.sept.iter() {
@@ -218,4 +129,80 @@ fn check_side(st: &KvmState, td: &Td, quiescent: bool) -> Vec<String> {
         }
     }
     bad
+}
+
+/// A KVM-side table entry (`what`: mirror or side) at `level` covering `gfn`, whose S-EPT page
+/// KVM believes is `page`: the S-EPT must have a mapped (or blocked) table there with that page.
+fn check_table(
+    bad: &mut Vec<String>,
+    td: &Td,
+    what: &str,
+    level: PgLevel,
+    gfn: Gfn,
+    page: Option<Pfn>,
+) {
+    match td.sept.get(level, gfn) {
+        Some(e) if matches!(e.state, SeptState::NlMapped | SeptState::NlBlocked) => {
+            if Some(e.pfn) != page {
+                bad.push(format!(
+                    "{what} table {level} {gfn}: S-EPT page {} but KVM's {page:?}",
+                    e.pfn
+                ));
+            }
+        }
+        other => bad.push(format!(
+            "{what} table {level} {gfn} present, S-EPT {:?}",
+            other.map(|e| e.state)
+        )),
+    }
+}
+
+/// A KVM-side private leaf `gfn -> pfn`: the S-EPT must map the same page (PENDING, MAPPED or
+/// blocked, but not blocked at a quiescent point), and it must be guest_memfd's page for gfn.
+#[allow(clippy::too_many_arguments)]
+fn check_leaf(
+    bad: &mut Vec<String>,
+    st: &KvmState,
+    td: &Td,
+    what: &str,
+    level: PgLevel,
+    gfn: Gfn,
+    pfn: Pfn,
+    quiescent: bool,
+) {
+    match td.sept.get(level, gfn) {
+        Some(e)
+            if matches!(
+                e.state,
+                SeptState::Mapped
+                    | SeptState::Pending
+                    | SeptState::Blocked
+                    | SeptState::PendingBlocked
+            ) =>
+        {
+            if e.pfn != pfn {
+                bad.push(format!("{what} leaf {gfn} -> {pfn}, S-EPT -> {}", e.pfn));
+            }
+            if quiescent && e.state.is_blocked() {
+                bad.push(format!(
+                    "S-EPT leaf {gfn} left {:?} at a quiescent point",
+                    e.state
+                ));
+            }
+        }
+        other => bad.push(format!(
+            "{what} leaf {gfn} present, S-EPT {:?}",
+            other.map(|e| e.state)
+        )),
+    }
+    let want = st
+        .memslots
+        .lookup(gfn)
+        .and_then(|s| s.gmem_index(gfn))
+        .and_then(|(f, i)| st.gmem.files.get(&f).and_then(|g| g.pages.get(&i)).copied());
+    if want != Some(pfn) {
+        bad.push(format!(
+            "{what} leaf {gfn} -> {pfn}, guest_memfd has {want:?}"
+        ));
+    }
 }
