@@ -151,8 +151,9 @@ fn seen(s: &Stack, v: usize) -> Vec<Observation> {
 /// SEAMCALLs of `leaf` that succeeded, from the trace.
 fn successes(s: &Stack, leaf: &str) -> usize {
     s.ex.trace()
-        .events()
-        .filter(|e| matches!(e.point, Point::Note { what, a: 0, .. } if what == leaf))
+        .notes(leaf)
+        .into_iter()
+        .filter(|a| *a == 0)
         .count()
 }
 

@@ -145,18 +145,7 @@ fn seed_000_upstream_removal_succeeds_after_the_kick() {
     let s = seed_000_accept("upstream");
     assert!(bugs(&s.kvm).is_empty(), "{:?}", bugs(&s.kvm));
     // The first BLOCK lost to the guest's ACCEPT, the retry after the kick won.
-    let notes: Vec<u64> =
-        s.ex.trace()
-            .events()
-            .filter_map(|e| match e.point {
-                Point::Note {
-                    what: "TDH.MEM.RANGE.BLOCK",
-                    a,
-                    ..
-                } => Some(a),
-                _ => None,
-            })
-            .collect();
+    let notes: Vec<u64> = s.ex.trace().notes("TDH.MEM.RANGE.BLOCK");
     assert_eq!(notes, vec![0x8000_0200_0000_0001, 0]);
     let tdr = s.kvm.st.borrow().tdx.tdr.unwrap();
     assert_eq!(
@@ -188,19 +177,7 @@ fn seed_000_retry16_fails_under_sustained_contention() {
             .any(|b| b.contains("TDH.MEM.RANGE.BLOCK: TDX_OPERAND_BUSY")),
         "{b:?}"
     );
-    let blocks =
-        s.ex.trace()
-            .events()
-            .filter(|e| {
-                matches!(
-                    e.point,
-                    Point::Note {
-                        what: "TDH.MEM.RANGE.BLOCK",
-                        ..
-                    }
-                )
-            })
-            .count();
+    let blocks = s.ex.trace().notes("TDH.MEM.RANGE.BLOCK").len();
     assert_eq!(blocks, 16, "sixteen tries, then give up");
 }
 
@@ -235,14 +212,7 @@ fn seed_000_zero_step(policy: &str) -> Stack {
 fn seed_000_upstream_removal_vs_zero_step_entry() {
     let s = seed_000_zero_step("upstream");
     assert!(bugs(&s.kvm).is_empty(), "{:?}", bugs(&s.kvm));
-    let first_block = s.ex.trace().events().find_map(|e| match e.point {
-        Point::Note {
-            what: "TDH.MEM.RANGE.BLOCK",
-            a,
-            ..
-        } => Some(a),
-        _ => None,
-    });
+    let first_block = s.ex.trace().notes("TDH.MEM.RANGE.BLOCK").first().copied();
     assert_eq!(
         first_block,
         Some(0x8000_0200_0000_0092),
@@ -484,11 +454,9 @@ fn a_fault_that_cannot_top_up_its_caches_is_enomem() {
 fn a_zap_that_removed_a_mapping_flushes_remote_tlbs() {
     let flushes = |s: &Stack| {
         s.ex.trace()
-            .events()
-            .filter(|e| {
-                matches!(e.point, Point::Note { what: "kvm_make_all_cpus_request", a, .. }
-                    if a == u64::from(harness::kvm::Request::TlbFlush.bit()))
-            })
+            .notes("kvm_make_all_cpus_request")
+            .into_iter()
+            .filter(|a| *a == u64::from(harness::kvm::Request::TlbFlush.bit()))
             .count()
     };
     let mut s = stack("upstream", 1);

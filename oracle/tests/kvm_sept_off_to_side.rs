@@ -336,18 +336,7 @@ fn busy_from_a_zero_step_entry_is_answered_with_a_kick_and_one_retry() {
     assert_eq!(s.run(&mut sc, 100_000), Outcome::AllDone);
     assert_eq!(end0.get(), Some(ThreadEnd::GuestDone));
     assert_eq!(end1.get(), Some(ThreadEnd::GuestDone));
-    let augs: Vec<u64> =
-        s.ex.trace()
-            .events()
-            .filter_map(|e| match e.point {
-                Point::Note {
-                    what: "TDH.MEM.PAGE.AUG",
-                    a,
-                    ..
-                } => Some(a),
-                _ => None,
-            })
-            .collect();
+    let augs: Vec<u64> = s.ex.trace().notes("TDH.MEM.PAGE.AUG");
     // The build's AUGs, then BUSY and the successful retry of the conversion's.
     let n = augs.len();
     assert!(

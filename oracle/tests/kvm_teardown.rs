@@ -81,13 +81,7 @@ fn script(steps: Vec<(TaskId, Until)>) -> Script {
 
 /// Statuses of every `what` SEAMCALL note, in order.
 fn notes(s: &Stack, what: &str) -> Vec<u64> {
-    s.ex.trace()
-        .events()
-        .filter_map(|e| match e.point {
-            Point::Note { what: w, a, .. } if w == what => Some(a),
-            _ => None,
-        })
-        .collect()
+    s.ex.trace().notes(what)
 }
 
 /// Position of the first note named `what` in the trace.

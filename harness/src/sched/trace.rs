@@ -157,6 +157,18 @@ impl Trace {
         self.events.iter()
     }
 
+    /// The first value of every kept note named `what`, oldest first (for a SEAMCALL note,
+    /// its raw status).
+    pub fn notes(&self, what: &str) -> Vec<u64> {
+        self.events
+            .iter()
+            .filter_map(|e| match e.point {
+                Point::Note { what: w, a, .. } if w == what => Some(a),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// The last `n` kept events, oldest first.
     pub fn tail(&self, n: usize) -> Vec<TraceEvent> {
         let skip = self.events.len().saturating_sub(n);
