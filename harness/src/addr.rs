@@ -66,6 +66,11 @@ newtype!(
     Pfn,
     "pfn:{:#x}"
 );
+newtype!(
+    /// Host virtual address in the VMM's process (a memslot's `userspace_addr`).
+    Hva,
+    "hva:{:#x}"
+);
 
 impl Gpa {
     /// `gpa_to_gfn()` after stripping the shared bit (`kvm_mmu_do_page_fault` does both).
@@ -117,6 +122,17 @@ impl Hpa {
     /// The frame containing this address.
     pub const fn pfn(self) -> Pfn {
         Pfn(self.0 >> PAGE_SHIFT)
+    }
+}
+
+impl Hva {
+    /// The address `n` pages further on.
+    pub const fn add_pages(self, n: u64) -> Hva {
+        Hva(self.0 + (n << PAGE_SHIFT))
+    }
+    /// The start of its 4 KiB page.
+    pub const fn page_base(self) -> Hva {
+        Hva(self.0 & !(PAGE_SIZE - 1))
     }
 }
 

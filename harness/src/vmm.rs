@@ -6,6 +6,11 @@ use crate::kvm::x86::RunExit;
 use crate::kvm::{Errno, Kvm};
 use crate::sched::Ctx;
 
+/// Where the VMM maps guest RAM in its address space (one contiguous anonymous mapping, as
+/// QEMU's RAM block): gfn `g`'s shared page is at `GUEST_RAM_HVA + g * 4K` whatever memslot
+/// covers it.
+pub const GUEST_RAM_HVA: crate::addr::Hva = crate::addr::Hva::new(0x7f00_0000_0000);
+
 /// How a vCPU thread ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ThreadEnd {

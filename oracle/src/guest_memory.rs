@@ -5,7 +5,9 @@
 //! - it then reads what the guest last wrote;
 //! - a conversion to shared (by MapGPA or the VMM), a punched hole or a deleted memslot
 //!   discards it: the next private access needs a new ACCEPT and reads zero;
-//! - shared pages read what was last written through the shared alias while the slot lives.
+//! - shared pages read what was last written through the shared alias: they are the VMM's
+//!   memory, which outlives memslots (a slot deleted and re-created over the same userspace
+//!   addresses shows the same data), and read zero until written.
 
 use std::collections::BTreeMap;
 
@@ -51,14 +53,10 @@ pub fn check(kvm: &Kvm, init_pages: &[(Gfn, u64)]) -> Vec<String> {
         );
     }
     let mut bad = Vec::new();
-    let discard = |pages: &mut BTreeMap<Gfn, PageModel>, start: Gfn, end: Gfn, shared_too: bool| {
-        for (g, p) in pages.range_mut(start..end) {
-            let _ = g;
+    let discard = |pages: &mut BTreeMap<Gfn, PageModel>, start: Gfn, end: Gfn| {
+        for p in pages.range_mut(start..end).map(|(_, p)| p) {
             p.accepted = false;
             p.content = 0;
-            if shared_too {
-                p.shared = 0;
-            }
         }
     };
     for (step, _, ev) in evs {
@@ -69,11 +67,11 @@ pub fn check(kvm: &Kvm, init_pages: &[(Gfn, u64)]) -> Vec<String> {
                 private,
             }) => {
                 if !private {
-                    discard(&mut pages, start, end, false);
+                    discard(&mut pages, start, end);
                 }
             }
-            Ev::Mem(MemEvent::PunchedHole { start, end }) => discard(&mut pages, start, end, false),
-            Ev::Mem(MemEvent::SlotDeleted { start, end }) => discard(&mut pages, start, end, true),
+            Ev::Mem(MemEvent::PunchedHole { start, end }) => discard(&mut pages, start, end),
+            Ev::Mem(MemEvent::SlotDeleted { start, end }) => discard(&mut pages, start, end),
             Ev::Obs(v, o) => {
                 let who = format!("vcpu{v} at step {step}");
                 match o {

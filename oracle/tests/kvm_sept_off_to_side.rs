@@ -537,11 +537,7 @@ expect clean
     assert!(r.violation.is_none(), "{}", r.violation.unwrap());
     assert!(r.run.destroyed.get());
     let h = r.run.stack.host.borrow();
-    assert!(
-        h.ledger.unaccounted().is_empty(),
-        "{:?}",
-        h.ledger.unaccounted()
-    );
+    assert!(h.unaccounted().is_empty(), "{:?}", h.unaccounted());
     assert!(h.refused.is_empty(), "{:?}", h.refused);
     assert_eq!(h.ledger.census().leaked, 0);
     let st = r.run.stack.kvm.st.borrow();

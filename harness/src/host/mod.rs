@@ -2,12 +2,15 @@
 //! contents the model tracks (one value per page) so the guest-memory oracle can check reads.
 
 pub mod ledger;
+pub mod user;
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
 use crate::addr::Pfn;
+
+pub use user::UserMemory;
 
 pub use ledger::{
     AllocFor, CacheKey, Census, Contents, KernelUse, LeakReason, Ledger, LedgerError, Owner,
@@ -22,6 +25,8 @@ pub struct Host {
     data: BTreeMap<Pfn, u64>,
     /// Refused ledger moves, with the step they happened at (evidence for the oracle).
     pub refused: Vec<(u64, LedgerError)>,
+    /// The VMM's guest-RAM mapping (its pages outlive memslots).
+    pub user: UserMemory,
 }
 
 /// Shared handle: KVM, the TDX module and the VMM all act on the same host memory.
@@ -33,6 +38,7 @@ impl Host {
             ledger: Ledger::new(npages),
             data: BTreeMap::new(),
             refused: Vec::new(),
+            user: UserMemory::default(),
         }
     }
 
@@ -45,6 +51,17 @@ impl Host {
         if let Err(e) = r {
             self.refused.push((step, e));
         }
+    }
+
+    /// Pages neither free, deliberately leaked, nor the VMM's own memory (which has a live
+    /// owner, the VMM process, after the VM is gone): after teardown this must be empty.
+    pub fn unaccounted(&self) -> Vec<(Pfn, PageEntry)> {
+        let vmm_owned = self.user.pfns();
+        self.ledger
+            .unaccounted()
+            .into_iter()
+            .filter(|(p, _)| !vmm_owned.contains(p))
+            .collect()
     }
 
     /// The page's contents.

@@ -1,9 +1,7 @@
 //! Memslots (virt/kvm/kvm_main.c): the active set readers see under `kvm->srcu`, with the
 //! generation and the KVM_MEMSLOT_INVALID state of a slot being deleted or moved.
 
-use std::collections::BTreeMap;
-
-use crate::addr::{Gfn, Pfn};
+use crate::addr::{Gfn, Hva};
 use crate::ids::{GmemId, PgOff, SlotId};
 
 /// One slot (`struct kvm_memory_slot`).
@@ -16,8 +14,9 @@ pub struct Memslot {
     pub invalid: bool,
     /// KVM_MEM_GUEST_MEMFD binding: file and offset of `base_gfn`.
     pub gmem: Option<(GmemId, PgOff)>,
-    /// Userspace memory behind the shared half, allocated on first touch (the VMM's mapping).
-    pub user: BTreeMap<u64, Pfn>,
+    /// `userspace_addr`: where the VMM's mapping behind the shared half starts. The pages are
+    /// the VMM's (`Host::user`), not the slot's: they outlive it.
+    pub userspace_addr: Hva,
 }
 
 impl Memslot {
@@ -27,6 +26,12 @@ impl Memslot {
 
     pub fn end(&self) -> Gfn {
         self.base_gfn.add(self.npages)
+    }
+
+    /// `__gfn_to_hva_memslot`.
+    pub fn gfn_to_hva(&self, gfn: Gfn) -> Hva {
+        self.userspace_addr
+            .add_pages(gfn.offset_from(self.base_gfn))
     }
 
     /// The guest_memfd page offset of `gfn` (`kvm_gmem_get_index`).
@@ -142,7 +147,8 @@ impl Kvm {
             npages,
             invalid: false,
             gmem,
-            user: BTreeMap::new(),
+            // The model's VMM maps guest RAM contiguously (crate::vmm::GUEST_RAM_HVA).
+            userspace_addr: crate::vmm::GUEST_RAM_HVA.add_pages(base.raw()),
         });
         Ok(())
     }
@@ -187,15 +193,9 @@ impl Kvm {
             ));
             slot
         };
+        // kvm_free_memslot: the userspace memory behind it stays the VMM's.
+        let _ = slot;
         self.swap_active_memslots(cx).await;
-        // kvm_free_memslot: userspace memory stays the VMM's; the model returns it here.
-        {
-            let mut h = self.host.borrow_mut();
-            for p in slot.user.values() {
-                let r = h.ledger.free(*p);
-                h.record(cx.step(), r);
-            }
-        }
         self.slots_lock.unlock(cx).await;
         Ok(())
     }

@@ -89,7 +89,7 @@ impl Kvm {
         // mmu_notifier_unregister -> kvm_mmu_notifier_release.
         kvm_mmu_notifier_release(self, cx).await;
         self.kvm_arch_destroy_vm(cx).await;
-        kvm_free_memslots(self, cx);
+        kvm_free_memslots(self);
         self.st.borrow_mut().gmem.teardown.destroyed = true;
         cx.note("kvm_destroy_vm done", 0, 0);
     }
@@ -461,15 +461,8 @@ fn present_sptes_at(kvm: &Kvm, root: SpId, level: PgLevel) -> Vec<(SpId, u16, Gf
 }
 
 /// `kvm_free_memslots` -> `kvm_free_memslot` of each slot (`kvm_gmem_unbind` has nothing left
-/// to unbind after the release); the userspace memory behind the shared half goes back, as in
-/// a memslot delete.
-fn kvm_free_memslots(kvm: &Kvm, cx: &Ctx) {
-    let slots = std::mem::take(&mut kvm.st.borrow_mut().memslots.slots);
-    let mut h = kvm.host.borrow_mut();
-    for s in slots {
-        for p in s.user.values() {
-            let r = h.ledger.free(*p);
-            h.record(cx.step(), r);
-        }
-    }
+/// to unbind after the release); the userspace memory behind the shared half is the VMM's and
+/// stays until it unmaps it.
+fn kvm_free_memslots(kvm: &Kvm) {
+    kvm.st.borrow_mut().memslots.slots.clear();
 }

@@ -1,7 +1,6 @@
 //! The page-fault path (arch/x86/kvm/mmu/mmu.c, mmu_internal.h, tdp_mmu.c:kvm_tdp_mmu_map).
 
 use crate::addr::{Gfn, Gpa, Pfn, PgLevel};
-use crate::host::{AllocFor, KernelUse};
 use crate::sched::{Ctx, Point};
 
 use super::spte::Spte;
@@ -189,15 +188,9 @@ impl Kvm {
                 Err(e) => Faultin::MemoryFault(e),
             }
         } else {
-            let off = fault.gfn.offset_from(slot.base_gfn);
-            if let Some(p) = slot.user.get(&off) {
-                return Faultin::Pfn(*p);
-            }
-            match host.ledger.alloc(AllocFor::Kernel(KernelUse::UserMemory)) {
-                Ok(p) => {
-                    slot.user.insert(off, p);
-                    Faultin::Pfn(p)
-                }
+            // __kvm_faultin_pfn -> hva_to_pfn: the VMM's page at the slot's address.
+            match host.user_page(slot.gfn_to_hva(fault.gfn)) {
+                Ok(p) => Faultin::Pfn(p),
                 Err(_) => Faultin::Err(Errno::ENOMEM),
             }
         }
@@ -210,7 +203,7 @@ impl Kvm {
 
     /// `is_page_fault_stale` (mmu_lock held): the direct root is obsolete, or an invalidation
     /// raced with the fault.
-    fn is_page_fault_stale(&self, v: usize, fault: &PageFault) -> bool {
+    pub(crate) fn is_page_fault_stale(&self, v: usize, fault: &PageFault) -> bool {
         let st = self.st.borrow();
         let vc = &st.vcpus[v];
         let obsolete = match vc.root {

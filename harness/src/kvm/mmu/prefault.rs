@@ -20,9 +20,10 @@
 //!   that `kvm_mmu_reload` only loads a root when the vCPU has none, and only processing
 //!   KVM_REQ_MMU_FREE_OBSOLETE_ROOTS drops the obsolete one (Sean Christopherson's reply).
 //!
-//! The reload at the start of each chunk is upstream's, which processes
-//! KVM_REQ_MMU_FREE_OBSOLETE_ROOTS first (`kvm_mmu_reload_free_obsolete`), so a prefault that
-//! userspace retries after -EAGAIN and a fast zap maps into a fresh direct root.
+//! These designs were argued against the 6.15-7.2 loop (policy `prefault_reload_once`), which
+//! loads the roots once per chunk. In 7.3 `kvm_tdp_page_prefault` calls `kvm_mmu_reload` (which
+//! processes KVM_REQ_MMU_FREE_OBSOLETE_ROOTS first) on every retry, so a fast zap no longer
+//! strands the loop.
 
 use crate::addr::{Gpa, PgLevel, PAGE_SIZE};
 use crate::policy::PrefaultOnInvalidSlot;
@@ -124,9 +125,10 @@ impl Kvm {
     }
 
     /// `kvm_arch_vcpu_pre_fault_memory`: one mapping. -EOPNOTSUPP until the TD is finalized
-    /// (`pre_fault_allowed`), -EINVAL for an alias (shared-bit) GPA; `kvm_mmu_reload`; the fault
-    /// is private if the gfn's attributes say so, else the GPA gets the shared bit. Returns the
-    /// bytes the mapping covers from `gpa`.
+    /// (`kvm_arch_pre_fault_allowed`), -EINVAL for an alias (shared-bit) GPA; the fault is
+    /// private if the gfn's attributes say so, else the GPA gets the shared bit. Returns the
+    /// bytes the mapping covers from `gpa`. The roots are (re)loaded in the retry loop (7.3);
+    /// policy `prefault_reload_once` loads them here, once (6.15 to 7.2).
     async fn kvm_arch_vcpu_pre_fault_memory(
         &self,
         cx: &Ctx,
@@ -141,7 +143,9 @@ impl Kvm {
         if gpa.is_shared() {
             return Err(Errno::EINVAL);
         }
-        self.kvm_mmu_reload(cx, v)?;
+        if !self.policy.prefault_reload_each_retry {
+            self.kvm_mmu_reload(cx, v)?;
+        }
         let private = self.st.borrow().attributes.is_private(gpa.gfn());
         let addr = if private { gpa } else { gpa.to_shared() };
         let level = self
@@ -188,12 +192,14 @@ impl Kvm {
         self.kvm_mmu_load_roots(cx, v)
     }
 
-    /// `kvm_tdp_map_page`: prefetch faults while the result is RET_PF_RETRY, stopping for a
-    /// signal (-EINTR) or a dead VM (KVM_REQ_VM_DEAD, checked and cleared: -EIO). FIXED,
-    /// SPURIOUS and WRITE_PROTECTED map to the level mapped (the model maps 4K), EMULATE (no
-    /// memslot) to -ENOENT, anything else to a WARN and -EIO. Under `RetryHoldingSrcu` an
-    /// INVALID slot is one more RET_PF_RETRY (the pre-fix fault path), spinning on the update
-    /// that holds slots_lock.
+    /// `kvm_tdp_page_prefault` (`kvm_tdp_map_page` before 7.3): prefetch faults while the
+    /// result is RET_PF_RETRY, stopping for a signal (-EINTR) or a dead VM (KVM_REQ_VM_DEAD by
+    /// test: -EIO), and `kvm_mmu_reload` before each attempt, which frees a root a fast zap
+    /// made obsolete. Policy `prefault_reload_once` (6.15 to 7.2) neither reloads here nor
+    /// leaves the request set (`kvm_check_request`). FIXED, SPURIOUS and WRITE_PROTECTED map to
+    /// the level mapped (the model maps 4K), EMULATE (no memslot) to -ENOENT, anything else to
+    /// a WARN and -EIO. Under `RetryHoldingSrcu` an INVALID slot is one more RET_PF_RETRY (the
+    /// pre-fix fault path), spinning on the update that holds slots_lock.
     async fn kvm_tdp_map_page(
         &self,
         cx: &Ctx,
@@ -208,8 +214,19 @@ impl Kvm {
             if self.take_signal(v) {
                 break Err(Errno::EINTR);
             }
-            if self.check_request(v, Request::VmDead) {
+            let reload = self.policy.prefault_reload_each_retry;
+            let dead = if reload {
+                self.test_request(v, Request::VmDead)
+            } else {
+                self.check_request(v, Request::VmDead)
+            };
+            if dead {
                 break Err(Errno::EIO);
+            }
+            if reload {
+                if let Err(e) = self.kvm_mmu_reload(cx, v) {
+                    break Err(e);
+                }
             }
             let point = Point::Yield("kvm_tdp_map_page:cond_resched");
             if invalid_slot {

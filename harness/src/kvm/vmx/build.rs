@@ -359,9 +359,12 @@ impl Kvm {
     }
 
     /// `kvm_tdp_mmu_map_private_pfn` (slots_lock held): a prefetch private fault for `pfn`
-    /// pinned to 4K; `kvm_mmu_reload`; then `kvm_tdp_mmu_map` under mmu_lock for read while
-    /// the result is RET_PF_RETRY, stopping for a signal (-EINTR) or a dead VM
-    /// (KVM_REQ_VM_DEAD by test: -EIO). A final result other than RET_PF_FIXED is -EIO.
+    /// pinned to 4K, retried while RET_PF_RETRY; each attempt stops for a signal (-EINTR) or a
+    /// dead VM (KVM_REQ_VM_DEAD by test: -EIO), runs `kvm_mmu_reload` and
+    /// `mmu_topup_memory_caches` (7.3: every attempt; `prefault_reload_once`: once, first),
+    /// then under mmu_lock for read WARNs on a pending KVM_REQ_MMU_FREE_OBSOLETE_ROOTS (slots_lock
+    /// keeps roots valid), retries a stale fault (`is_page_fault_stale`) and calls
+    /// `kvm_tdp_mmu_map`. A final result other than RET_PF_FIXED is -EIO.
     pub async fn kvm_tdp_mmu_map_private_pfn(
         &self,
         cx: &Ctx,
@@ -370,7 +373,7 @@ impl Kvm {
         pfn: Pfn,
     ) -> KvmResult<()> {
         debug_assert!(self.slots_lock.held_by_current(cx));
-        let fault = PageFault {
+        let mut fault = PageFault {
             addr: gfn.gpa(),
             gfn,
             is_private: true,
@@ -381,8 +384,11 @@ impl Kvm {
             pfn: Some(pfn),
             mmu_seq: 0,
         };
-        self.kvm_mmu_reload(cx, v)?;
-        self.mmu_topup_memory_caches(v)?;
+        let each_retry = self.policy.prefault_reload_each_retry;
+        if !each_retry {
+            self.kvm_mmu_reload(cx, v)?;
+            self.mmu_topup_memory_caches(v)?;
+        }
         let r = loop {
             if self.take_signal(v) {
                 return Err(Errno::EINTR);
@@ -390,10 +396,30 @@ impl Kvm {
             if self.test_request(v, Request::VmDead) {
                 return Err(Errno::EIO);
             }
+            if each_retry {
+                self.kvm_mmu_reload(cx, v)?;
+                self.mmu_topup_memory_caches(v)?;
+            }
             cx.yield_at("kvm_tdp_mmu_map_private_pfn:cond_resched")
                 .await;
             self.mmu_lock.read(cx).await;
-            let r = self.kvm_tdp_mmu_map(cx, v, &fault).await;
+            let r = if each_retry {
+                if self.test_request(v, Request::MmuFreeObsoleteRoots) {
+                    self.warn(
+                        cx,
+                        "kvm_tdp_mmu_map_private_pfn",
+                        "KVM_REQ_MMU_FREE_OBSOLETE_ROOTS pending under slots_lock".into(),
+                    );
+                }
+                fault.mmu_seq = self.st.borrow().invalidate.seq;
+                if self.is_page_fault_stale(v, &fault) {
+                    RetPf::Retry
+                } else {
+                    self.kvm_tdp_mmu_map(cx, v, &fault).await
+                }
+            } else {
+                self.kvm_tdp_mmu_map(cx, v, &fault).await
+            };
             self.mmu_lock.read_unlock(cx).await;
             if r != RetPf::Retry {
                 break r;
