@@ -1,7 +1,9 @@
 //! The in-process campaign behind `tdxfuzz fuzz`: generate inputs, run the target, bucket
 //! findings by signature, write one artifact per distinct finding, and show a live status line.
 //! Inputs are random bytes from a seeded generator for now (coverage guidance comes with the
-//! fuzzing-engine work), so a campaign with `--runs` is reproducible from its seed.
+//! fuzzing-engine work), so a campaign with `--runs` is reproducible from its seed. A panic of
+//! the harness is a `harness_bug` finding, not the end of the campaign; findings whose
+//! signature a known input (`corpus/known/`) shows are reported once as known.
 
 use std::fs;
 use std::path::Path;
@@ -11,6 +13,7 @@ use anyhow::{Context, Result};
 use crash_triage::Buckets;
 use harness::sched::choice::SplitMix64;
 use indicatif::{ProgressBar, ProgressStyle};
+use oracle::known::Known;
 use oracle::Violation;
 
 use harness::policy::Policy;
@@ -25,6 +28,10 @@ pub enum Stop {
 }
 
 fn exec(target: Target, policy: Policy, data: &[u8]) -> Option<Violation> {
+    oracle::harness_bug::catch(|| exec_target(target, policy, data))
+}
+
+fn exec_target(target: Target, policy: Policy, data: &[u8]) -> Option<Violation> {
     match target {
         Target::Stack => oracle::targets::stack(policy, data),
         Target::TdxModule => {
@@ -43,16 +50,51 @@ fn target_name(target: Target) -> &'static str {
     }
 }
 
-/// Runs the campaign; returns the number of distinct findings.
+/// Replays the known inputs of the stack target (text scenarios or raw inputs in `dir`) under
+/// `policy`; says which ran clean.
+fn load_known(dir: &Path, policy: Policy) -> Result<Known> {
+    let mut inputs = Vec::new();
+    for f in crate::load::scenario_files(dir)? {
+        match crate::load::load(&f)? {
+            crate::load::Loaded::Ok(sc) => inputs.push((f.display().to_string(), sc)),
+            crate::load::Loaded::Bad(msg) => anyhow::bail!("known input: {msg}"),
+        }
+    }
+    let (known, stale) = Known::replay(inputs.iter().map(|(n, s)| (n.clone(), s)), policy);
+    for name in stale {
+        println!(
+            "known input {name} runs clean under {}: stale?",
+            policy.name
+        );
+    }
+    Ok(known)
+}
+
+/// Totals of a campaign.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Found {
+    /// Distinct signatures no known input shows.
+    pub new: usize,
+    /// Distinct known signatures hit.
+    pub known: usize,
+}
+
+/// Runs the campaign. `known` is the directory of known inputs (stack target only).
 pub fn run(
     target: Target,
     policy: Policy,
     stop: Stop,
     seed: u64,
     artifacts: &Path,
-) -> Result<usize> {
+    known: Option<&Path>,
+) -> Result<Found> {
     let dir = artifacts.join(target_name(target));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let known = match (target, known) {
+        (Target::Stack, Some(k)) => load_known(k, policy)?,
+        _ => Known::default(),
+    };
+    oracle::harness_bug::install_quiet_hook();
     let bar = ProgressBar::new_spinner();
     bar.set_style(ProgressStyle::with_template(
         "{spinner} [{elapsed_precise}] {msg}",
@@ -60,6 +102,7 @@ pub fn run(
     bar.enable_steady_tick(Duration::from_millis(200));
     let mut rng = SplitMix64::new(seed);
     let mut buckets = Buckets::new();
+    let mut found = Found::default();
     let start = Instant::now();
     let mut execs: u64 = 0;
     let mut buf = Vec::with_capacity(512);
@@ -82,31 +125,48 @@ pub fn run(
                 let base = dir.join(v.signature_hash());
                 fs::write(base.with_extension("bin"), &buf)?;
                 fs::write(base.with_extension("txt"), v.to_string())?;
-                bar.println(format!("new: {}", v.signature()));
+                match known.name_of(&v) {
+                    Some(k) => {
+                        found.known += 1;
+                        bar.println(format!("known: {} (as {k})", v.signature()));
+                    }
+                    None => {
+                        found.new += 1;
+                        bar.println(format!("new: {}", v.signature()));
+                    }
+                }
             }
         }
         if execs.is_multiple_of(64) {
             let secs = start.elapsed().as_secs_f64().max(1e-9);
             bar.set_message(format!(
-                "{} [{}] | execs {execs} ({:.0}/s) | distinct findings {}",
+                "{} [{}] | execs {execs} ({:.0}/s) | new findings {} | known {}",
                 target_name(target),
                 policy.name,
                 execs as f64 / secs,
-                buckets.len()
+                found.new,
+                found.known,
             ));
         }
     }
+    let _ = std::panic::take_hook();
     let secs = start.elapsed().as_secs_f64().max(1e-9);
     bar.finish_and_clear();
     println!(
-        "{}: {execs} execs in {secs:.1}s ({:.0}/s), {} distinct finding(s)",
+        "{}: {execs} execs in {secs:.1}s ({:.0}/s), {} new and {} known distinct finding(s)",
         target_name(target),
         execs as f64 / secs,
-        buckets.len()
+        found.new,
+        found.known
     );
     for (sig, b) in buckets.iter() {
+        let tag = if known.name_of(&b.violation).is_some() {
+            "known"
+        } else {
+            "NEW"
+        };
         println!(
-            "  {:>7} hits  {sig}  (smallest input {} bytes)",
+            "  {tag:<5} {:>7} hits  {sig}  (smallest input {} bytes)",
             b.hits,
             b.smallest.len()
         );
@@ -117,5 +177,5 @@ pub fn run(
             &b.smallest,
         )?;
     }
-    Ok(buckets.len())
+    Ok(found)
 }

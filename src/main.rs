@@ -74,6 +74,10 @@ enum Cmd {
         /// Where findings are written.
         #[arg(long, default_value = "artifacts")]
         artifacts: PathBuf,
+        /// Inputs of known findings (stack target): their signatures are reported once as
+        /// known, not as new. Default: corpus/known here, else the source tree's.
+        #[arg(long)]
+        known: Option<PathBuf>,
     },
     /// Prints throughput figures.
     Bench {
@@ -91,6 +95,17 @@ enum Cmd {
         #[arg(long)]
         sept: bool,
     },
+}
+
+/// `corpus/known` in the working directory, else in the source tree this binary was built
+/// from (so a campaign started elsewhere still knows the known findings).
+fn default_known_dir() -> Option<PathBuf> {
+    [
+        PathBuf::from("corpus/known"),
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus/known"),
+    ]
+    .into_iter()
+    .find(|d| d.is_dir())
 }
 
 fn policy(name: &str) -> Result<Policy> {
@@ -167,16 +182,27 @@ fn real_main() -> Result<ExitCode> {
             runs,
             seed,
             artifacts,
+            known,
         } => {
             let stop = match (seconds, runs) {
                 (_, Some(r)) => campaign::Stop::Runs(r),
                 (Some(s), None) => campaign::Stop::Seconds(s),
                 (None, None) => campaign::Stop::Seconds(60),
             };
-            let found = campaign::run(target, policy(&p)?, stop, seed, &artifacts)?;
+            let known = known.or_else(default_known_dir);
+            let found = campaign::run(
+                target,
+                policy(&p)?,
+                stop,
+                seed,
+                &artifacts,
+                known.as_deref(),
+            )?;
             // Findings are the product of a campaign, not a failure of the command.
             println!(
-                "{found} distinct finding(s); reports in {}",
+                "{} new and {} known distinct finding(s); reports in {}",
+                found.new,
+                found.known,
                 artifacts.display()
             );
             Ok(ExitCode::SUCCESS)

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-/// The six invariant kinds (spec section 3).
+/// The six invariant kinds (spec section 3), and a panic of the harness itself.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum ViolationKind {
     MirrorDesync,
@@ -11,16 +11,19 @@ pub enum ViolationKind {
     Liveness,
     GuestMemory,
     StateMachine,
+    /// The model or the oracle panicked on this input: a bug of tdxfuzz, not of the kernel.
+    HarnessBug,
 }
 
 impl ViolationKind {
-    pub const ALL: [ViolationKind; 6] = [
+    pub const ALL: [ViolationKind; 7] = [
         ViolationKind::MirrorDesync,
         ViolationKind::PageOwnership,
         ViolationKind::MustNotFail,
         ViolationKind::Liveness,
         ViolationKind::GuestMemory,
         ViolationKind::StateMachine,
+        ViolationKind::HarnessBug,
     ];
 
     /// The name used on the command line, in `expect` lines and in reports.
@@ -32,6 +35,7 @@ impl ViolationKind {
             ViolationKind::Liveness => "liveness",
             ViolationKind::GuestMemory => "guest_memory",
             ViolationKind::StateMachine => "state_machine",
+            ViolationKind::HarnessBug => "harness_bug",
         }
     }
 
