@@ -757,3 +757,80 @@ fn populate_holds_the_invalidate_lock_against_a_punch_hole() {
     assert!(fatal_bugs(&s.kvm).is_empty(), "{:?}", fatal_bugs(&s.kvm));
     assert!(oracle::sept_sync::check(&s.kvm, true).is_empty());
 }
+
+/// `__tdx_td_init` and `tdx_td_vcpu_init` allocate every control page before the first
+/// SEAMCALL: a host that runs out part way gets -ENOMEM with nothing made and nothing kept.
+/// Rows: host pages, how many vCPUs to create and init, what fails.
+#[test]
+fn td_and_vcpu_build_allocate_every_page_before_the_seamcall() {
+    let cfg = harness::tdx_module::ModuleConfig::default();
+    let td_pages = 1 + cfg.tdcs_pages;
+    let rows: [(&str, usize, bool); 3] = [
+        ("TDR only", 1, false),
+        ("all but the last TDCS page", td_pages - 1, false),
+        (
+            "the TD, all but the last TDCX page",
+            td_pages + cfg.tdvps_pages - 1,
+            true,
+        ),
+    ];
+    for (what, pages, vcpu) in rows {
+        let mut s = Stack::new(Policy::UPSTREAM, pages, TraceMode::Full);
+        let (init, vcpu_init) = call(&mut s, move |cx, kvm| async move {
+            let init = kvm.tdx_td_init(&cx, Hkid(32), 4).await;
+            let mut vi = None;
+            if vcpu {
+                let v = kvm.create_vcpu(Lp(0), GuestProgram::default()).unwrap();
+                vi = Some(kvm.tdx_td_vcpu_init(&cx, v).await);
+            }
+            (init, vi)
+        });
+        let trace = s.ex.render_trace();
+        if vcpu {
+            assert_eq!(init, Ok(()), "{what}");
+            assert_eq!(vcpu_init, Some(Err(Errno::ENOMEM)), "{what}");
+            assert!(!trace.contains("TDH.VP.CREATE"), "{what}: no SEAMCALL made");
+            let st = s.kvm.st.borrow();
+            assert!(st.vcpus[0].tdvpr.is_none() && st.vcpus[0].tdcx.is_empty());
+            // Only the TD's pages are in use.
+            assert_eq!(s.host.borrow().ledger.census().free, cfg.tdvps_pages - 1);
+        } else {
+            assert_eq!(init, Err(Errno::ENOMEM), "{what}");
+            assert!(
+                !trace.contains("TDH.MNG.CREATE"),
+                "{what}: no SEAMCALL made"
+            );
+            let st = s.kvm.st.borrow();
+            assert_eq!(st.tdx.state, TdState::Uninitialized);
+            assert!(st.tdx.tdr.is_none() && st.tdx.hkid.is_none());
+            assert_eq!(s.host.borrow().ledger.census().free, pages, "{what}");
+        }
+    }
+}
+
+/// TDH.MNG.CREATE runs under tdx.c's global `tdx_lock` (as the HKID release does).
+#[test]
+fn mng_create_runs_under_tdx_lock() {
+    let s = runnable("upstream", 1);
+    let trace = s.ex.render_trace();
+    let at = |what: &str| trace.find(what).unwrap_or_else(|| panic!("{what}"));
+    assert!(at("lock(tdx_lock)") < at("TDH.MNG.CREATE"));
+    assert!(at("TDH.MNG.CREATE") < at("unlock(tdx_lock)"));
+}
+
+/// `kvm_vcpu_ioctl` answers -EIO on a dead VM before it takes `vcpu->mutex`, so KVM_RUN does
+/// not wait behind another ioctl of the vCPU; a second KVM_BUG_ON on a bugged VM is silent.
+#[test]
+fn a_dead_vm_answers_kvm_run_at_once_and_bugs_once() {
+    let mut s = runnable("upstream", 1);
+    let r = call(&mut s, |cx, kvm| async move {
+        // Another thread holds vcpu->mutex and never lets go.
+        let m = kvm.st.borrow().vcpus[0].mutex;
+        m.lock(&cx).await;
+        kvm.bug(&cx, "test", "first".into());
+        kvm.bug(&cx, "test", "second".into());
+        kvm.kvm_run(&cx, 0).await
+    });
+    assert_eq!(r.err(), Some(Errno::EIO));
+    assert_eq!(fatal_bugs(&s.kvm), ["test: first"]);
+}

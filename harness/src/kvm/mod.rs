@@ -197,6 +197,9 @@ pub struct Kvm {
     /// Innermost: taken after slots_lock, a guest_memfd's invalidate lock or mmu_lock; no vCPU
     /// takes it, so its holder may kick vCPUs and wait for them.
     pub sept_lock: Mutex,
+    /// tdx.c's global `tdx_lock`: around TDH.MNG.CREATE in `__tdx_td_init` and the HKID release
+    /// of `tdx_mmu_release_hkid` (one VM per run, so global and per-VM coincide).
+    pub tdx_lock: Mutex,
     /// The scheduler, to register each vCPU's `vcpu->mutex` at KVM_CREATE_VCPU (`mutex_init`).
     sched: Ctx,
 }
@@ -239,15 +242,20 @@ impl Kvm {
             ipi_ack: WaitQueue::new(cx, "ipi_ack"),
             lock: Mutex::new(cx, "kvm->lock"),
             sept_lock: Mutex::new(cx, "sept_lock"),
+            tdx_lock: Mutex::new(cx, "tdx_lock"),
             sched: cx.clone(),
         })
     }
 
     /// `KVM_BUG_ON(cond, kvm)` / `TDX_BUG_ON(err, .., kvm)`: WARN, mark the VM bugged and dead
-    /// (`kvm_vm_bugged`), make KVM_REQ_VM_DEAD on every vCPU and kick them.
+    /// (`kvm_vm_bugged`), make KVM_REQ_VM_DEAD on every vCPU and kick them. On a VM already
+    /// bugged it does nothing (`WARN_ON_ONCE(cond && !(kvm)->vm_bugged)`).
     pub fn bug(&self, cx: &Ctx, location: &'static str, what: String) {
         tracing::debug!(location, %what, "KVM_BUG_ON");
         let mut st = self.st.borrow_mut();
+        if st.bugged {
+            return;
+        }
         st.bugs.push(BugReport {
             step: cx.step(),
             location,

@@ -29,7 +29,7 @@
 use crate::addr::{Gfn, Pfn, PgLevel};
 use crate::host::{CacheKey, LeakReason};
 use crate::ids::GmemId;
-use crate::sched::{Ctx, Mutex};
+use crate::sched::Ctx;
 use crate::tdx_module::{CacheWbCmd, Code, Lp};
 
 use super::mmu::invalidate::RootTypes;
@@ -41,8 +41,6 @@ const TDX_SEAMCALL_RETRIES: usize = 10_000;
 /// Teardown state of the VM.
 #[derive(Clone, Debug, Default)]
 pub struct TeardownState {
-    /// tdx.c's global `tdx_lock` (serialises HKID release; made on first use).
-    pub tdx_lock: Option<Mutex>,
     /// `kvm_destroy_vm` has run.
     pub destroyed: bool,
 }
@@ -126,15 +124,6 @@ impl Kvm {
         }
     }
 
-    /// The global `tdx_lock` of tdx.c.
-    fn tdx_lock(&self, cx: &Ctx) -> Mutex {
-        let mut st = self.st.borrow_mut();
-        *st.gmem
-            .teardown
-            .tdx_lock
-            .get_or_insert_with(|| Mutex::new(cx, "tdx_lock"))
-    }
-
     /// `tdx_mmu_release_hkid` (vm_pre_destroy): flush every vCPU, then under `tdx_lock`
     /// VPFLUSHDONE, CACHE.WB on each package and KEY.FREEID. FLUSHVP_NOT_DONE gives up silently
     /// and any other failure is a TDX_BUG_ON: either way the HKID stays assigned and everything
@@ -157,7 +146,7 @@ impl Kvm {
         for (v, lp, tdvpr) in vcpus {
             self.tdx_flush_vp_on_cpu(cx, v, lp, tdvpr).await;
         }
-        let lock = self.tdx_lock(cx);
+        let lock = self.tdx_lock;
         lock.lock(cx).await;
         let m = &self.module;
         match m.tdh_mng_vpflushdone(cx, tdr).await {
@@ -311,7 +300,7 @@ impl Kvm {
     /// `tdx_reclaim_td_control_pages`: with the HKID assigned, give up (everything leaks);
     /// else reclaim each TDCS page, then the TDR: RECLAIM, TDH.PHYMEM.PAGE.WBINVD under the
     /// global key, clear, free. A TDR that cannot be reclaimed or written back is leaked.
-    async fn tdx_reclaim_td_control_pages(&self, cx: &Ctx) {
+    pub(crate) async fn tdx_reclaim_td_control_pages(&self, cx: &Ctx) {
         let (hkid, tdcs, tdr) = {
             let mut st = self.st.borrow_mut();
             let t = &mut st.tdx;

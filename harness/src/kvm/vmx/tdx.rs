@@ -367,11 +367,46 @@ impl Kvm {
         true
     }
 
+    /// `n` kernel pages for `u`, all or none (-ENOMEM: the ones taken are freed).
+    fn alloc_kernel_pages(&self, cx: &Ctx, u: KernelUse, n: usize) -> KvmResult<Vec<Pfn>> {
+        let mut pages = Vec::with_capacity(n);
+        for _ in 0..n {
+            let p = self.host.borrow_mut().ledger.alloc(AllocFor::Kernel(u));
+            match p {
+                Ok(p) => pages.push(p),
+                Err(_) => {
+                    self.free_kernel_pages(cx, &pages);
+                    return Err(Errno::ENOMEM);
+                }
+            }
+        }
+        Ok(pages)
+    }
+
+    /// `__free_page` of pages the TDX module never took.
+    fn free_kernel_pages(&self, cx: &Ctx, pages: &[Pfn]) {
+        let mut h = self.host.borrow_mut();
+        for &p in pages {
+            let r = h.ledger.free(p);
+            h.record(cx.step(), r);
+        }
+    }
+
+    /// The `teardown:` label of `__tdx_td_init`, after TDH.MNG.CREATE succeeded: free the TDCS
+    /// pages never added, release the HKID (`tdx_mmu_release_hkid`) and reclaim the TD's
+    /// control pages (`tdx_reclaim_td_control_pages`, which leaks them if the HKID stays).
+    async fn tdx_td_init_teardown(&self, cx: &Ctx, not_added: &[Pfn]) {
+        self.free_kernel_pages(cx, not_added);
+        self.tdx_mmu_release_hkid(cx).await;
+        self.tdx_reclaim_td_control_pages(cx).await;
+    }
+
     /// `tdx_td_init` (KVM_MEMORY_ENCRYPT_OP(KVM_TDX_INIT_VM) through `kvm_vm_ioctl` and
     /// `tdx_vm_ioctl`): -EIO on a dead VM; under the VM-state guard, -EINVAL unless the TD is
     /// UNINITIALIZED, -EBUSY once any vCPU was created (`setup_tdparams` reads
-    /// `kvm->created_vcpus`); then `__tdx_td_init`: HKID, TDR, MNG.CREATE, KEY.CONFIG on each
-    /// package, ADDCX for each TDCS page, MNG.INIT.
+    /// `kvm->created_vcpus`); then `__tdx_td_init`: HKID, the TDR and TDCS pages, MNG.CREATE
+    /// under the global `tdx_lock`, KEY.CONFIG on each package, ADDCX for each TDCS page,
+    /// MNG.INIT; a failure after MNG.CREATE releases the HKID and reclaims what was added.
     pub async fn tdx_td_init(&self, cx: &Ctx, hkid: Hkid, max_vcpus: u32) -> KvmResult<()> {
         if self.is_dead() {
             return Err(Errno::EIO);
@@ -388,61 +423,71 @@ impl Kvm {
                 let s = self.module.state();
                 (s.config.packages, s.config.tdcs_pages)
             };
-            let alloc = |u| {
-                self.host
-                    .borrow_mut()
-                    .ledger
-                    .alloc(AllocFor::Kernel(u))
-                    .map_err(|_| Errno::ENOMEM)
-            };
-            let tdr = alloc(KernelUse::Tdr)?;
-            let m = &self.module;
-            match m.tdh_mng_create(cx, tdr, hkid).await {
-                Ok(_) => {}
+            // Every TDR and TDCS page is allocated before TDH.MNG.CREATE; a failure frees what
+            // was taken (-ENOMEM) and leaves the TD as it was.
+            let tdr = self.alloc_kernel_pages(cx, KernelUse::Tdr, 1)?[0];
+            let tdcs = match self.alloc_kernel_pages(cx, KernelUse::Tdcs, ntdcs) {
+                Ok(p) => p,
                 Err(e) => {
-                    let mut h = self.host.borrow_mut();
-                    let r = h.ledger.free(tdr);
-                    h.record(cx.step(), r);
-                    if e.status.code == Code::RndNoEntropy {
-                        return Err(Errno::EAGAIN);
-                    }
-                    drop(h);
-                    self.bug(cx, "__tdx_td_init", format!("TDH.MNG.CREATE: {e}"));
-                    return Err(Errno::EIO);
+                    self.free_kernel_pages(cx, &[tdr]);
+                    return Err(e);
                 }
+            };
+            let m = &self.module;
+            let tdx_lock = self.tdx_lock;
+            tdx_lock.lock(cx).await;
+            let created = m.tdh_mng_create(cx, tdr, hkid).await;
+            tdx_lock.unlock(cx).await;
+            if let Err(e) = created {
+                self.free_kernel_pages(cx, &tdcs);
+                self.free_kernel_pages(cx, &[tdr]);
+                if e.status.code == Code::RndNoEntropy {
+                    return Err(Errno::EAGAIN);
+                }
+                self.bug(cx, "__tdx_td_init", format!("TDH.MNG.CREATE: {e}"));
+                return Err(Errno::EIO);
             }
             {
                 let mut st = self.st.borrow_mut();
                 st.tdx.hkid = Some(hkid);
                 st.tdx.tdr = Some(tdr);
             }
+            let mut failed = None;
             for pkg in 0..packages {
                 if let Err(e) = m.tdh_mng_key_config(cx, Lp(pkg), tdr).await {
                     self.bug(cx, "__tdx_td_init", format!("TDH.MNG.KEY.CONFIG: {e}"));
-                    return Err(Errno::EIO);
+                    failed = Some((Errno::EIO, 0));
+                    break;
                 }
             }
-            for _ in 0..ntdcs {
-                let p = alloc(KernelUse::Tdcs)?;
-                if let Err(e) = m.tdh_mng_addcx(cx, tdr, p).await {
-                    let mut h = self.host.borrow_mut();
-                    let r = h.ledger.free(p);
-                    h.record(cx.step(), r);
-                    if e.status.code == Code::RndNoEntropy {
-                        return Err(Errno::EAGAIN);
+            if failed.is_none() {
+                for (i, &p) in tdcs.iter().enumerate() {
+                    if let Err(e) = m.tdh_mng_addcx(cx, tdr, p).await {
+                        let errno = if e.status.code == Code::RndNoEntropy {
+                            Errno::EAGAIN
+                        } else {
+                            self.bug(cx, "__tdx_td_init", format!("TDH.MNG.ADDCX: {e}"));
+                            Errno::EIO
+                        };
+                        failed = Some((errno, i));
+                        break;
                     }
-                    drop(h);
-                    self.bug(cx, "__tdx_td_init", format!("TDH.MNG.ADDCX: {e}"));
-                    return Err(Errno::EIO);
+                    self.st.borrow_mut().tdx.tdcs.push(p);
                 }
-                self.st.borrow_mut().tdx.tdcs.push(p);
+            }
+            if let Some((errno, added)) = failed {
+                self.tdx_td_init_teardown(cx, &tdcs[added..]).await;
+                return Err(errno);
             }
             if let Err(e) = m.tdh_mng_init(cx, tdr, TdParams { max_vcpus }).await {
-                if e.status.code == Code::OperandInvalid {
-                    return Err(Errno::EINVAL);
-                }
-                self.bug(cx, "__tdx_td_init", format!("TDH.MNG.INIT: {e}"));
-                return Err(Errno::EIO);
+                let errno = if e.status.code == Code::OperandInvalid {
+                    Errno::EINVAL
+                } else {
+                    self.bug(cx, "__tdx_td_init", format!("TDH.MNG.INIT: {e}"));
+                    Errno::EIO
+                };
+                self.tdx_td_init_teardown(cx, &[]).await;
+                return Err(errno);
             }
             self.st.borrow_mut().tdx.state = TdState::Initialized;
             Ok(())
@@ -455,7 +500,7 @@ impl Kvm {
     /// KVM_TDX_INIT_VCPU of vCPU `v` (`kvm_vcpu_ioctl` -> `tdx_vcpu_unlocked_ioctl` ->
     /// `tdx_vcpu_init` -> `tdx_td_vcpu_init`): -EIO on a dead VM; under the VM-state guard,
     /// -EINVAL without an HKID or once RUNNABLE, -EINVAL unless the vCPU is UNINITIALIZED;
-    /// then TDVPR + VP.CREATE, TDCX + VP.ADDCX, VP.INIT under mmu_lock for write.
+    /// then TDVPR and TDCX pages, VP.CREATE, VP.ADDCX of each, VP.INIT under mmu_lock for write.
     pub async fn tdx_td_vcpu_init(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
         if self.is_dead() {
             return Err(Errno::EIO);
@@ -479,32 +524,29 @@ impl Kvm {
                     self.module.state().config.tdvps_pages,
                 )
             };
-            let alloc = |u| {
-                self.host
-                    .borrow_mut()
-                    .ledger
-                    .alloc(AllocFor::Kernel(u))
-                    .map_err(|_| Errno::ENOMEM)
+            // TDVPR and every TDCX page are allocated before TDH.VP.CREATE.
+            let tdvpr = self.alloc_kernel_pages(cx, KernelUse::Tdvpr, 1)?[0];
+            let tdcx = match self.alloc_kernel_pages(cx, KernelUse::Tdcx, n - 1) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.free_kernel_pages(cx, &[tdvpr]);
+                    return Err(e);
+                }
             };
-            let tdvpr = alloc(KernelUse::Tdvpr)?;
             let m = &self.module;
             if let Err(e) = m.tdh_vp_create(cx, tdr, tdvpr).await {
-                let mut h = self.host.borrow_mut();
-                let r = h.ledger.free(tdvpr);
-                h.record(cx.step(), r);
-                drop(h);
                 self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.CREATE: {e}"));
+                self.free_kernel_pages(cx, &tdcx);
+                self.free_kernel_pages(cx, &[tdvpr]);
                 return Err(Errno::EIO);
             }
             self.st.borrow_mut().vcpus[v].tdvpr = Some(tdvpr);
-            for _ in 1..n {
-                let p = alloc(KernelUse::Tdcx)?;
+            for (i, &p) in tdcx.iter().enumerate() {
                 if let Err(e) = m.tdh_vp_addcx(cx, tdvpr, p).await {
-                    let mut h = self.host.borrow_mut();
-                    let r = h.ledger.free(p);
-                    h.record(cx.step(), r);
-                    drop(h);
+                    // The pages not added go back; TDVPR and those added are the module's
+                    // until tdx_vcpu_free reclaims them.
                     self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.ADDCX: {e}"));
+                    self.free_kernel_pages(cx, &tdcx[i..]);
                     return Err(Errno::EIO);
                 }
                 self.st.borrow_mut().vcpus[v].tdcx.push(p);
