@@ -174,8 +174,7 @@ fn end_checks(sc: &Scenario, run: &Run, wedged: bool) -> Option<Violation> {
     }
     if !wedged {
         let wedged_vcpu = |name: &str| {
-            name.strip_prefix("vcpu")
-                .and_then(|n| n.parse::<usize>().ok())
+            crate::liveness::vcpu_index(name)
                 .is_some_and(|v| crate::liveness::wedged_by_zero_step(kvm, v).is_some())
         };
         if let Some(v) = crate::liveness::check_outcome_tolerating(

@@ -1,7 +1,7 @@
 //! `harness_bug`: a panic inside the model or the oracle. One bad input must not end a
 //! campaign and lose what it found, so every engine runs the target through `catch`, which
-//! turns the panic into a finding with a stable signature (message and source location, digits
-//! masked) that is saved and bucketed like any other.
+//! turns the panic into a finding with a stable signature (the message's first line with its
+//! numbers masked, and the source location) that is saved and bucketed like any other.
 
 use std::cell::RefCell;
 use std::panic::{self, AssertUnwindSafe};

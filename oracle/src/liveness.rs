@@ -102,6 +102,11 @@ pub fn wedged_by_zero_step(kvm: &Kvm, v: usize) -> Option<Gfn> {
     }
 }
 
+/// The vCPU a task runs, from its name (`vcpu3` -> 3; `vcpu0-idle` and VMM tasks: none).
+pub fn vcpu_index(task: &str) -> Option<usize> {
+    task.strip_prefix("vcpu").and_then(|n| n.parse().ok())
+}
+
 /// What a task can sleep on behind a wedged vCPU.
 const BEHIND_A_VCPU: [&str; 3] = ["vcpu thread exit", "vmm thread done", "vcpu->mutex"];
 
@@ -114,9 +119,7 @@ pub fn wedged_only(cx: &Ctx, kvm: &Kvm) -> Option<String> {
     let mut wedged = Vec::new();
     for (t, _, wait) in cx.pending() {
         let name = cx.task_name(t);
-        let vcpu = name
-            .strip_prefix("vcpu")
-            .and_then(|n| n.parse::<usize>().ok());
+        let vcpu = vcpu_index(&name);
         match (vcpu, wait) {
             (Some(v), _) => {
                 let gfn = wedged_by_zero_step(kvm, v)?;
