@@ -19,13 +19,22 @@ pub enum GuestOp {
     Read { gpa: Gpa },
     /// Store `value`.
     Write { gpa: Gpa, value: u64 },
-    /// TDG.VP.VMCALL<MapGPA>: convert `npages` from `gpa` to private or shared.
-    MapGpa {
-        gpa: Gpa,
-        npages: u64,
-        to_private: bool,
-    },
+    /// Linux's `tdx_map_gpa`: TDG.VP.VMCALL<MapGPA> of `[gpa, gpa + size)` (the shared bit of
+    /// `gpa` says which way), retried from the GPA the host returns in R11 on RETRY.
+    MapGpa { gpa: Gpa, size: u64 },
 }
+
+/// Linux's `tdx_map_gpa` retry state: the range still to convert and the retries without
+/// forward progress (at most `MAP_GPA_RETRIES_PER_PAGE`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapGpaCall {
+    pub start: u64,
+    pub end: u64,
+    pub retries: u32,
+}
+
+/// `max_retries_per_page` in Linux's `tdx_map_gpa`.
+pub const MAP_GPA_RETRIES_PER_PAGE: u32 = 3;
 
 /// What one op produced, in program order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -46,8 +55,11 @@ pub enum Observation {
     VirtualizationException {
         gpa: Gpa,
     },
-    MapGpaDone {
+    /// The MapGPA op finished with this final TDVMCALL status (SUCCESS, an error, or RETRY
+    /// when the guest gave up: no progress three times, or an R11 outside its range).
+    MapGpa {
         gpa: Gpa,
+        status: u64,
     },
     /// A shared access with no memslot behind it was emulated as MMIO (#VE, TDVMCALL<MMIO>).
     Mmio {
@@ -67,10 +79,10 @@ pub struct GuestProgram {
     /// KVM_EXIT_INTERNAL_ERROR (`kvm_prepare_unexpected_reason_exit`) with TDH.VP.ENTER's
     /// status.
     pub internal_error: Option<crate::tdx_module::Status>,
-    /// A MapGPA request waiting for userspace.
-    pub map_gpa: Option<(Gpa, u64, bool)>,
-    /// Userspace completed the MapGPA exit (`tdx_complete_vmcall_map_gpa`).
-    pub map_gpa_acked: bool,
+    /// The MapGPA op in progress.
+    pub map_gpa: Option<MapGpaCall>,
+    /// R10 and R11 as the guest reads them after its TDVMCALL (set by KVM before re-entry).
+    pub tdvmcall_regs: Option<(u64, u64)>,
     /// Consecutive BUSY results of the current TDCALL (the guest retries them).
     pub busy_retries: u32,
     /// KVM installed an MMIO SPTE for the current shared access: the next attempt takes #VE
@@ -146,24 +158,11 @@ pub async fn run_guest(kvm: &Kvm, cx: &Ctx, v: usize, tdvpr: Pfn) -> TdExit {
                 };
                 access(kvm, tdvpr, gpa, write, rip)
             }
-            GuestOp::MapGpa {
-                gpa,
-                npages,
-                to_private,
-            } => {
+            GuestOp::MapGpa { gpa, size } => {
                 let mut st = kvm.st.borrow_mut();
-                let g = &mut st.vcpus[v].guest;
-                if g.map_gpa_acked {
-                    g.map_gpa_acked = false;
-                    Step::Next(Observation::MapGpaDone { gpa })
-                } else {
-                    // Exit to KVM, which exits to userspace (KVM_HC_MAP_GPA_RANGE).
-                    g.map_gpa = Some((gpa, npages, to_private));
-                    Step::Exit(TdExit::MapGpa {
-                        gpa,
-                        npages,
-                        to_private,
-                    })
+                match linux_map_gpa(&mut st.vcpus[v].guest, gpa, size) {
+                    Ok((start, size)) => Step::Exit(TdExit::MapGpa { gpa: start, size }),
+                    Err(status) => Step::Next(Observation::MapGpa { gpa, status }),
                 }
             }
         };
@@ -184,6 +183,43 @@ pub async fn run_guest(kvm: &Kvm, cx: &Ctx, v: usize, tdvpr: Pfn) -> TdExit {
             }
         }
     }
+}
+
+/// One pass of Linux's `tdx_map_gpa` loop: the next TDVMCALL's (R12, R13) to issue, or the
+/// final status once the host's answer (in `tdvmcall_regs`) ends the call.
+fn linux_map_gpa(g: &mut GuestProgram, gpa: Gpa, size: u64) -> Result<(u64, u64), u64> {
+    use crate::kvm::vmx::tdvmcall::status;
+    let Some((r10, r11)) = g.tdvmcall_regs.take() else {
+        let c = g.map_gpa.get_or_insert(MapGpaCall {
+            start: gpa.raw(),
+            end: gpa.raw().wrapping_add(size),
+            retries: 0,
+        });
+        return Ok((c.start, c.end.wrapping_sub(c.start)));
+    };
+    let c = g
+        .map_gpa
+        .as_mut()
+        .expect("a TDVMCALL result answers a call");
+    let give_up = if r10 != status::RETRY {
+        Some(r10)
+    } else if r11 < c.start || r11 >= c.end {
+        // R11 comes from the untrusted host.
+        Some(status::RETRY)
+    } else {
+        if r11 == c.start {
+            c.retries += 1;
+        } else {
+            c.start = r11;
+            c.retries = 0;
+        }
+        (c.retries >= MAP_GPA_RETRIES_PER_PAGE).then_some(status::RETRY)
+    };
+    if let Some(st) = give_up {
+        g.map_gpa = None;
+        return Err(st);
+    }
+    Ok((c.start, c.end - c.start))
 }
 
 enum Step {

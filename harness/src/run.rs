@@ -91,9 +91,12 @@ fn guest_program(ops: &[GuestStep]) -> GuestProgram {
                     npages,
                     private,
                 } => GuestOp::MapGpa {
-                    gpa: gfn.gpa(),
-                    npages,
-                    to_private: private,
+                    gpa: if private {
+                        gfn.gpa()
+                    } else {
+                        gfn.gpa().to_shared()
+                    },
+                    size: npages * 4096,
                 },
             })
             .collect(),

@@ -68,6 +68,9 @@ impl Stack {
     pub fn build_with(&mut self, nvcpus: u8, init_pages: &[(Gfn, u64)]) {
         let init = init_pages.to_vec();
         self.run_setup(move |cx, kvm| async move {
+            // QEMU enables MapGPA exits for a TD (KVM_CAP_EXIT_HYPERCALL).
+            kvm.enable_cap_exit_hypercall(1 << crate::kvm::vmx::tdvmcall::KVM_HC_MAP_GPA_RANGE)
+                .expect("KVM_CAP_EXIT_HYPERCALL");
             kvm.tdx_td_init(&cx, Hkid(32), 4)
                 .await
                 .expect("KVM_TDX_INIT_VM");

@@ -1,6 +1,7 @@
 //! The VMM in userspace: what a vCPU thread does with KVM_RUN's exits (QEMU-like): convert
-//! the range of a KVM_EXIT_MEMORY_FAULT or a MapGPA hypercall, retry -EINTR, stop at the end
-//! of the guest program or on an error it cannot handle.
+//! the range of a KVM_EXIT_MEMORY_FAULT or of a MapGPA hypercall chunk (answering the
+//! hypercall), retry -EINTR, stop at the end of the guest program or on an error it cannot
+//! handle.
 
 use crate::kvm::x86::RunExit;
 use crate::kvm::{Errno, Kvm};
@@ -44,19 +45,19 @@ pub async fn vcpu_thread(kvm: &Kvm, cx: &Ctx, v: usize) -> ThreadEnd {
                     return ThreadEnd::Error(e);
                 }
             }
-            Ok(RunExit::MapGpa {
-                gpa,
-                npages,
-                to_private,
-            }) => {
-                let gfn = gpa.gfn();
+            Ok(RunExit::MapGpa(exit)) => {
+                // Convert the chunk and answer in `run->hypercall.ret`: 0, or EAGAIN / EINVAL
+                // (the two errors the GHCI mapping knows; every other failure is EINVAL).
+                let gfn = exit.gpa.gfn();
                 let r = kvm
-                    .set_memory_attributes(cx, gfn, gfn.add(npages), to_private)
+                    .set_memory_attributes(cx, gfn, gfn.add(exit.npages), exit.to_private)
                     .await;
-                if let Err(e) = r {
-                    return ThreadEnd::Error(e);
-                }
-                kvm.st.borrow_mut().vcpus[v].guest.map_gpa_acked = true;
+                let ret = match r {
+                    Ok(()) => 0,
+                    Err(Errno::EAGAIN) => Errno::EAGAIN.raw(),
+                    Err(_) => Errno::EINVAL.raw(),
+                };
+                kvm.set_hypercall_ret(v, ret);
             }
             Err(Errno::EINTR) => {}
             Err(e) => return ThreadEnd::Error(e),

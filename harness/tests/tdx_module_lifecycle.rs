@@ -2013,6 +2013,98 @@ fn accept_host_priority_busy_and_timeout() {
     });
 }
 
+/// Who holds the entry lock of `x` in its window while a host leaf loses to it.
+#[derive(Clone, Copy, Debug)]
+enum EntryHolder {
+    /// Guest ACCEPT of the PENDING page: commits by writing the entry.
+    Accept,
+    /// Guest ATTR.RD: reads only; the entry (and its HP bit) stays.
+    AttrRd,
+    /// Guest ATTR.WR with no L2 attributes: changes nothing.
+    AttrWr,
+    /// Host AUG of a FREE entry, lost to by a host PAGE.REMOVE: commits the new entry.
+    HostAug,
+}
+
+/// Issue 17 item 4: the HOST_PRIORITY bit a losing host sets lives in the S-EPT entry, so a
+/// leaf that then commits a new entry (ACCEPT, AUG, ...) clears it; a leaf that only reads or
+/// releases the lock keeps it. The guest's next ATTR.RD on the entry shows which: SUCCESS, or
+/// BUSY|RCX (BUSY_HOST_PRIORITY as the guest sees it). One row per holder.
+#[test]
+fn host_priority_survives_release_but_not_commit() {
+    const ROWS: &[(EntryHolder, bool)] = &[
+        (EntryHolder::Accept, false),
+        (EntryHolder::AttrRd, true),
+        (EntryHolder::AttrWr, true),
+        (EntryHolder::HostAug, false),
+    ];
+    for &(holder, hp_survives) in ROWS {
+        let mut b = bench(1);
+        let x = gpa(0x70);
+        let out: Slot<(Pfn, Pfn, Pfn)> = Rc::new(RefCell::new(None));
+        let o = out.clone();
+        b.run(move |cx, m| async move {
+            let (tdr, v) = running(&cx, &m).await;
+            link_path(&cx, &m, tdr, x).await;
+            let page = alloc_guest(&m, x);
+            if !matches!(holder, EntryHolder::HostAug) {
+                m.tdh_mem_page_aug(&cx, tdr, x, PgLevel::L4K, page)
+                    .await
+                    .unwrap();
+            }
+            *o.borrow_mut() = Some((tdr, v, page));
+        });
+        let (tdr, v, page) = out.borrow_mut().take().unwrap();
+        let (m1, c1, m2, c2) = (b.m.clone(), b.cx.clone(), b.m.clone(), b.cx.clone());
+        let window = window_name(match holder {
+            EntryHolder::Accept => Leaf::TdgMemPageAccept,
+            EntryHolder::AttrRd => Leaf::TdgMemPageAttrRd,
+            EntryHolder::AttrWr => Leaf::TdgMemPageAttrWr,
+            EntryHolder::HostAug => Leaf::MemPageAug,
+        });
+        let lost = race(
+            &mut b,
+            window,
+            async move {
+                let ok = match holder {
+                    EntryHolder::Accept => {
+                        tst(m1.tdg_mem_page_accept(&c1, v, x, PgLevel::L4K).await)
+                    }
+                    EntryHolder::AttrRd => tst(m1.tdg_mem_page_attr_rd(&c1, v, x).await),
+                    EntryHolder::AttrWr => {
+                        tst(m1.tdg_mem_page_attr_wr(&c1, v, x, PgLevel::L4K, 0).await)
+                    }
+                    EntryHolder::HostAug => {
+                        st(m1.tdh_mem_page_aug(&c1, tdr, x, PgLevel::L4K, page).await)
+                    }
+                };
+                assert_eq!(ok, SUCCESS, "{holder:?}");
+            },
+            async move {
+                match holder {
+                    EntryHolder::HostAug => {
+                        st(m2.tdh_mem_page_remove(&c2, tdr, x, PgLevel::L4K).await)
+                    }
+                    _ => st(m2.tdh_mem_range_block(&c2, tdr, x, PgLevel::L4K).await),
+                }
+            },
+        );
+        assert_eq!(lost, OPERAND_BUSY | RCX, "{holder:?}: the host loses");
+        b.run(move |cx, m| async move {
+            let after = tst(m.tdg_mem_page_attr_rd(&cx, v, x).await);
+            let want = if hp_survives {
+                OPERAND_BUSY | RCX
+            } else {
+                SUCCESS
+            };
+            assert_eq!(
+                after, want,
+                "{holder:?}: guest ATTR.RD after the holder is done"
+            );
+        });
+    }
+}
+
 /// ACCEPT step 4, the other way round: a host SEAMCALL holding the entry lock makes the
 /// guest's acquire fail with plain BUSY|RCX (no host priority involved).
 #[test]

@@ -133,7 +133,7 @@ pub fn check(kvm: &Kvm, init_pages: &[(Gfn, u64)]) -> Vec<String> {
                             bad.push(format!("{who}: #VE on {}, which is accepted", gpa.gfn()));
                         }
                     }
-                    Observation::MapGpaDone { .. } | Observation::Mmio { .. } => {}
+                    Observation::MapGpa { .. } | Observation::Mmio { .. } => {}
                 }
             }
         }

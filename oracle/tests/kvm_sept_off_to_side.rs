@@ -185,9 +185,8 @@ fn conversions_both_ways_unmap_and_map_and_the_guest_accepts_again() {
                 value: 0x1111,
             },
             GuestOp::MapGpa {
-                gpa: gpa(0x10),
-                npages: 1,
-                to_private: false,
+                gpa: gpa(0x10).to_shared(),
+                size: 4096,
             },
         ],
     );
@@ -215,8 +214,7 @@ fn conversions_both_ways_unmap_and_map_and_the_guest_accepts_again() {
             },
             GuestOp::MapGpa {
                 gpa: gpa(0x10),
-                npages: 1,
-                to_private: true,
+                size: 4096,
             },
         ],
     );

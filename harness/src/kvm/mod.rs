@@ -50,6 +50,26 @@ pub enum Errno {
     EOPNOTSUPP,
 }
 
+impl Errno {
+    /// The positive errno value (asm-generic/errno-base.h, errno.h).
+    pub const fn raw(self) -> u64 {
+        match self {
+            Errno::EPERM => 1,
+            Errno::ENOENT => 2,
+            Errno::EINTR => 4,
+            Errno::EIO => 5,
+            Errno::E2BIG => 7,
+            Errno::EAGAIN => 11,
+            Errno::ENOMEM => 12,
+            Errno::EFAULT => 14,
+            Errno::EBUSY => 16,
+            Errno::EEXIST => 17,
+            Errno::EINVAL => 22,
+            Errno::EOPNOTSUPP => 95,
+        }
+    }
+}
+
 impl fmt::Display for Errno {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "-{self:?}")
@@ -146,6 +166,8 @@ pub struct Vcpu {
     pub pending_event: bool,
     /// The SRCU read section KVM_RUN holds outside guest mode.
     pub srcu: Option<SrcuIdx>,
+    /// An in-flight TDG.VP.VMCALL<MapGPA> and its userspace exit.
+    pub map_gpa: vmx::tdvmcall::VcpuMapGpa,
     pub guest: GuestProgram,
     /// `vcpu->mutex`: held by vCPU ioctls (KVM_PRE_FAULT_MEMORY) and, for every vCPU, by the
     /// TDX VM-state guard (`kvm_lock_all_vcpus`).
@@ -165,6 +187,9 @@ pub struct KvmState {
     /// `kvm->created_vcpus` (under kvm->lock): counts vCPUs from the start of KVM_CREATE_VCPU,
     /// before they are online in `vcpus`.
     pub created_vcpus: u32,
+    /// `kvm->arch.hypercall_exit_enabled` (KVM_CAP_EXIT_HYPERCALL): bit n lets hypercall n
+    /// exit to userspace.
+    pub hypercall_exit_enabled: u64,
     pub bugged: bool,
     pub dead: bool,
     pub bugs: Vec<BugReport>,
@@ -226,6 +251,7 @@ impl Kvm {
                 },
                 vcpus: Vec::new(),
                 created_vcpus: 0,
+                hypercall_exit_enabled: 0,
                 bugged: false,
                 dead: false,
                 bugs: Vec::new(),
@@ -369,6 +395,7 @@ impl Kvm {
             signal_pending: false,
             pending_event: false,
             srcu: None,
+            map_gpa: Default::default(),
             guest,
             mutex,
         });

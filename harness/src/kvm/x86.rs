@@ -1,10 +1,10 @@
 //! The vCPU run loop (arch/x86/kvm/x86.c: `kvm_arch_vcpu_ioctl_run`, `vcpu_run`,
 //! `vcpu_enter_guest`) and MMU root loading (mmu.c: `kvm_mmu_reload`).
 
-use crate::addr::Gpa;
 use crate::sched::Ctx;
 
 use super::mmu::fault::MemoryFaultExit;
+use super::vmx::tdvmcall::{MapGpaExit, KVM_HC_MAP_GPA_RANGE};
 use super::vmx::tdx::TdExit;
 use super::{Errno, GuestMode, Kvm, KvmResult, Request, TdState};
 
@@ -13,12 +13,9 @@ use super::{Errno, GuestMode, Kvm, KvmResult, Request, TdState};
 pub enum RunExit {
     /// KVM_EXIT_MEMORY_FAULT (with -EFAULT): convert the range, then run again.
     MemoryFault(MemoryFaultExit),
-    /// KVM_EXIT_HYPERCALL(KVM_HC_MAP_GPA_RANGE).
-    MapGpa {
-        gpa: Gpa,
-        npages: u64,
-        to_private: bool,
-    },
+    /// KVM_EXIT_HYPERCALL(KVM_HC_MAP_GPA_RANGE): userspace converts the chunk and writes
+    /// `run->hypercall.ret` ([`Kvm::set_hypercall_ret`]) before the next KVM_RUN.
+    MapGpa(MapGpaExit),
     /// KVM_EXIT_INTERNAL_ERROR: an exit KVM cannot handle (TDH.VP.ENTER's status).
     InternalError(crate::tdx_module::Status),
     /// The guest program finished.
@@ -26,6 +23,21 @@ pub enum RunExit {
 }
 
 impl Kvm {
+    /// KVM_ENABLE_CAP(KVM_CAP_EXIT_HYPERCALL) (`kvm_vm_ioctl_enable_cap`): `mask` may name only
+    /// KVM_HC_MAP_GPA_RANGE (`KVM_EXIT_HYPERCALL_VALID_MASK`), else -EINVAL.
+    pub fn enable_cap_exit_hypercall(&self, mask: u64) -> KvmResult<()> {
+        if mask & !(1 << KVM_HC_MAP_GPA_RANGE) != 0 {
+            return Err(Errno::EINVAL);
+        }
+        self.st.borrow_mut().hypercall_exit_enabled = mask;
+        Ok(())
+    }
+
+    /// Userspace writes `run->hypercall.ret` after a KVM_EXIT_HYPERCALL.
+    pub fn set_hypercall_ret(&self, v: usize, ret: u64) {
+        self.st.borrow_mut().vcpus[v].map_gpa.ret = ret;
+    }
+
     /// KVM_RUN through `kvm_vcpu_ioctl`: under `vcpu->mutex` (so no other ioctl of this vCPU,
     /// e.g. KVM_PRE_FAULT_MEMORY, runs meanwhile), `kvm_arch_vcpu_ioctl_run`.
     pub async fn kvm_run(&self, cx: &Ctx, v: usize) -> KvmResult<RunExit> {
@@ -56,7 +68,33 @@ impl Kvm {
         }
         let idx = self.srcu.read_lock(cx).await;
         self.st.borrow_mut().vcpus[v].srcu = Some(idx);
-        let r = loop {
+        // `complete_userspace_io`, cleared before it runs: <= 0 ends KVM_RUN here.
+        let pending = std::mem::take(&mut self.st.borrow_mut().vcpus[v].map_gpa.complete_pending);
+        let completed = if pending {
+            match self.tdx_complete_vmcall_map_gpa(v) {
+                Ok(0) => Some(Ok(self.take_run_exit(v))),
+                Ok(_) => None,
+                Err(e) => Some(Err(e)),
+            }
+        } else {
+            None
+        };
+        let r = if let Some(r) = completed {
+            r
+        } else {
+            self.vcpu_run(cx, v).await
+        };
+        let idx = self.st.borrow_mut().vcpus[v]
+            .srcu
+            .take()
+            .expect("srcu held");
+        self.srcu.read_unlock(cx, idx).await;
+        r
+    }
+
+    /// `vcpu_run`: enter the guest until an exit needs userspace or a signal is pending.
+    async fn vcpu_run(&self, cx: &Ctx, v: usize) -> KvmResult<RunExit> {
+        loop {
             if self.st.borrow().vcpus[v].signal_pending {
                 self.st.borrow_mut().vcpus[v].signal_pending = false;
                 break Err(Errno::EINTR);
@@ -69,13 +107,7 @@ impl Kvm {
                 }
                 Err(e) => break Err(e),
             }
-        };
-        let idx = self.st.borrow_mut().vcpus[v]
-            .srcu
-            .take()
-            .expect("srcu held");
-        self.srcu.read_unlock(cx, idx).await;
-        r
+        }
     }
 
     /// What `vcpu->run` tells userspace when KVM_RUN returns (exit_reason and its data).
@@ -88,12 +120,8 @@ impl Kvm {
         if let Some(status) = g.internal_error.take() {
             return RunExit::InternalError(status);
         }
-        if let Some((gpa, npages, to_private)) = g.map_gpa.take() {
-            return RunExit::MapGpa {
-                gpa,
-                npages,
-                to_private,
-            };
+        if let Some(exit) = st.vcpus[v].map_gpa.exit.take() {
+            return RunExit::MapGpa(exit);
         }
         RunExit::Done
     }

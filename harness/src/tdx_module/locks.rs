@@ -5,7 +5,8 @@
 //! operand of the table row at once, and the leaf releases what it already holds. Host-priority
 //! locks (PAMT entries, the OP_STATE lock, S-EPT entry locks) additionally remember that a host
 //! lost the race: the guest's next acquire then fails with TDX_OPERAND_BUSY_HOST_PRIORITY until a
-//! host acquire succeeds.
+//! host acquire succeeds, or, for an S-EPT entry, until a leaf rewrites the whole entry (its
+//! HP bit, 52, is part of the entry and every commit writes it clear).
 
 use std::collections::BTreeMap;
 
@@ -317,10 +318,16 @@ impl Locks {
                 }
             }
             Side::Guest => {
+                // `acquire_sharex_lock_hp_sh` tests the HP flag before the exclusive bit; the
+                // exclusive and S-EPT entry acquires fail plain BUSY on a held lock first.
+                let hp = hp_kind && w.host_priority;
+                if hp && mode == Mode::Shared {
+                    return Err(LockFail::BusyHostPriority);
+                }
                 if !can {
                     return Err(LockFail::Busy);
                 }
-                if hp_kind && w.host_priority {
+                if hp {
                     return Err(LockFail::BusyHostPriority);
                 }
             }
@@ -354,6 +361,15 @@ impl Locks {
         }
         if w.is_free() && !w.host_priority {
             self.words.remove(&key);
+        }
+    }
+
+    /// A leaf wrote the whole S-EPT entry behind `key` (`atomic_mem_write_64b` of a copy taken
+    /// when the lock was acquired): the HP bit a losing host set meanwhile is gone.
+    pub fn entry_rewritten(&mut self, key: LockKey) {
+        debug_assert!(matches!(key, LockKey::SeptEntry(..)), "{key:?}");
+        if let Some(w) = self.words.get_mut(&key) {
+            w.host_priority = false;
         }
     }
 
@@ -460,6 +476,16 @@ impl Guard {
         }
     }
 
+    /// The leaf's commit rewrote the S-EPT entry whose lock it holds (see
+    /// [`Locks::entry_rewritten`]); a no-op for a leaf without an entry lock.
+    pub fn commit_entry(&self, locks: &mut Locks) {
+        for (k, _) in &self.held {
+            if matches!(k, LockKey::SeptEntry(..)) {
+                locks.entry_rewritten(*k);
+            }
+        }
+    }
+
     /// The locks still held, in acquisition order.
     pub fn held(&self) -> &[(LockKey, Mode)] {
         &self.held
@@ -512,6 +538,58 @@ mod tests {
             Err(LockFail::Busy)
         );
         l.release(e, Mode::Exclusive, T1);
+        l.try_acquire(e, true, Mode::Exclusive, Side::Guest, T0)
+            .unwrap();
+    }
+
+    /// `acquire_sharex_lock_hp_sh` (guest) tests HP before the exclusive bit;
+    /// `acquire_sharex_lock_hp_ex` and `sept_lock_acquire_guest` fail plain BUSY on a held lock.
+    /// Rows: (mode the guest asks, held exclusively by the host?, HP set?, result).
+    #[test]
+    fn guest_acquire_order_of_checks() {
+        use LockFail::{Busy, BusyHostPriority as Hp};
+        let rows: &[(Mode, bool, bool, Result<(), LockFail>)] = &[
+            (Mode::Shared, true, true, Err(Hp)),
+            (Mode::Shared, true, false, Err(Busy)),
+            (Mode::Shared, false, true, Err(Hp)),
+            (Mode::Exclusive, true, true, Err(Busy)),
+            (Mode::Exclusive, false, true, Err(Hp)),
+            (Mode::Exclusive, false, false, Ok(())),
+        ];
+        for &(mode, held, hp, want) in rows {
+            let mut l = Locks::default();
+            let k = LockKey::OpState(Pfn::new(3));
+            l.try_acquire(k, true, Mode::Exclusive, Side::Host, T1)
+                .unwrap();
+            if hp {
+                // A second host loses and flags priority.
+                assert_eq!(
+                    l.try_acquire(k, true, Mode::Shared, Side::Host, TaskId(2)),
+                    Err(LockFail::Busy)
+                );
+            }
+            if !held {
+                l.release(k, Mode::Exclusive, T1);
+            }
+            let got = l.try_acquire(k, true, mode, Side::Guest, T0);
+            assert_eq!(got, want, "{mode:?} held={held} hp={hp}");
+        }
+    }
+
+    /// A whole-entry commit clears HP; a release alone keeps it.
+    #[test]
+    fn entry_rewrite_clears_host_priority() {
+        let mut l = Locks::default();
+        let e = LockKey::SeptEntry(Pfn::new(1), PgLevel::L4K, Gfn::new(5));
+        l.try_acquire(e, true, Mode::Exclusive, Side::Guest, T0)
+            .unwrap();
+        assert_eq!(
+            l.try_acquire(e, true, Mode::Exclusive, Side::Host, T1),
+            Err(LockFail::Busy)
+        );
+        l.entry_rewritten(e);
+        l.release(e, Mode::Exclusive, T0);
+        assert!(l.word(e).is_none(), "free and no HP: nothing left");
         l.try_acquire(e, true, Mode::Exclusive, Side::Guest, T0)
             .unwrap();
     }

@@ -300,6 +300,10 @@ impl TdxModule {
             let mut st = self.st.borrow_mut();
             let mut host = self.host.borrow_mut();
             let r = commit(&mut st, &mut host, plan, cx.step());
+            if r.is_ok() {
+                // Every host leaf that holds an S-EPT entry lock commits by writing the entry.
+                g.commit_entry(&mut st.locks);
+            }
             g.release_all(&mut st.locks);
             r
         };

@@ -215,6 +215,8 @@ impl TdxModule {
         for i in 0..level.pages() {
             host.write(e.pfn.add(i), 0);
         }
+        // The new entry is written whole, HP bit clear (a host that lost meanwhile loses it).
+        g.commit_entry(&mut st.locks);
         g.release_all(&mut st.locks);
         Ok(TdcallRet::status(Status::SUCCESS))
     }

@@ -22,17 +22,13 @@ pub enum TdExit {
         eeq: crate::tdx_module::Eeq,
         exec: bool,
     },
-    /// The guest called MapGPA (TDG.VP.VMCALL<MapGPA>).
-    MapGpa {
-        gpa: Gpa,
-        npages: u64,
-        to_private: bool,
-    },
+    /// The guest called TDG.VP.VMCALL<MapGPA> with R12 = `gpa`, R13 = `size` (raw: a hostile
+    /// guest's may be unaligned, wrap or mix private and shared).
+    MapGpa { gpa: u64, size: u64 },
     /// The guest program finished (the model's HLT).
     Done,
-    /// TDX_HOST_PRIORITY_BUSY_TIMEOUT: re-enter.
-    HostPriorityTimeout,
-    /// VP.ENTER failed with a non-BUSY error: KVM_EXIT_INTERNAL_ERROR to userspace.
+    /// VP.ENTER returned a TDX_ERROR status other than BUSY: it did not enter, or the TD exited
+    /// with an error such as TDX_HOST_PRIORITY_BUSY_TIMEOUT. KVM_EXIT_INTERNAL_ERROR.
     EnterFailed(SeamErr),
 }
 
@@ -638,13 +634,16 @@ impl Kvm {
     /// userspace (with the run's exit info set), or an errno.
     pub(crate) async fn tdx_handle_exit(&self, cx: &Ctx, v: usize, exit: TdExit) -> KvmResult<i32> {
         match exit {
-            TdExit::FastpathHandled | TdExit::Interrupt | TdExit::HostPriorityTimeout => Ok(1),
+            TdExit::FastpathHandled | TdExit::Interrupt => Ok(1),
             TdExit::Done => Ok(0),
-            TdExit::MapGpa { .. } => Ok(0),
+            TdExit::MapGpa { gpa, size } => Ok(self.tdx_map_gpa(v, gpa, size)),
             TdExit::EnterFailed(e) => {
-                // The model's module has no TDX_SW_ERROR (#UD/#GP/VMFAILINVALID, the one case
-                // upstream bugs the VM for): a TDX_ERROR status is an unhandled exit
-                // (kvm_pr_unimpl, no WARN), the VM stays alive.
+                // Of upstream's status classes the model's module returns only TDX_ERROR ones
+                // (entry failures, TDX_HOST_PRIORITY_BUSY_TIMEOUT): `kvm_pr_unimpl` and
+                // `unhandled_exit`, no WARN, the VM stays alive. It has no TDX_SW_ERROR
+                // (#UD/#GP/VMFAILINVALID: KVM_BUG_ON unless rebooting), raw EPT-misconfig exit
+                // (KVM_BUG_ON, -EIO), failed VM entry (KVM_EXIT_FAIL_ENTRY) or triple fault
+                // (KVM_EXIT_SHUTDOWN).
                 cx.note("KVM_EXIT_INTERNAL_ERROR", e.status.raw(), 0);
                 self.st.borrow_mut().vcpus[v].guest.internal_error = Some(e.status);
                 Ok(0)
@@ -746,7 +745,31 @@ impl Kvm {
     pub(crate) fn guest_exit(exit: GuestExit, exec: bool) -> TdExit {
         match exit {
             GuestExit::EptViolation { gpa, eeq } => TdExit::EptViolation { gpa, eeq, exec },
-            GuestExit::HostPriorityBusyTimeout => TdExit::HostPriorityTimeout,
+            GuestExit::HostPriorityBusyTimeout => {
+                TdExit::EnterFailed(SeamErr::code(Code::HostPriorityBusyTimeout))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 17 item 5: a host-priority timeout is a TD exit with a TDX_ERROR status, which
+    /// `tdx_handle_exit` does not special-case: KVM_EXIT_INTERNAL_ERROR with the status, not a
+    /// silent re-entry. Rows: (the module's exit, the status userspace sees).
+    #[test]
+    fn guest_exits_with_an_error_status_reach_userspace() {
+        let rows = [(
+            GuestExit::HostPriorityBusyTimeout,
+            0x9000_0205_0000_0000_u64,
+        )];
+        for (exit, want) in rows {
+            match Kvm::guest_exit(exit, false) {
+                TdExit::EnterFailed(e) => assert_eq!(e.status.raw(), want, "{exit:?}"),
+                other => panic!("{exit:?} became {other:?}"),
+            }
         }
     }
 }
