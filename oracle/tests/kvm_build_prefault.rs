@@ -18,6 +18,7 @@ use harness::sched::{
 };
 use harness::stack::{Stack, GUEST_PAGES};
 use harness::tdx_module::{Code, Lp, SeptState};
+use harness::vmm::ThreadEnd;
 
 fn gpa(gfn: u64) -> Gpa {
     Gpa::new(gfn << 12)
@@ -167,6 +168,39 @@ fn gmem_page(s: &Stack, gfn: u64) -> Option<harness::addr::Pfn> {
 }
 
 // ---------------------------------------------------------------------------------------
+/// Issue 17 item 7: KVM_REQ_VM_DEAD is a waiting request. A KVM_BUG_ON raised while a vCPU
+/// is in guest mode kicks it and returns only once it has left guest mode (the request's
+/// KVM_REQUEST_WAIT); the vCPU's KVM_RUN then fails with -EIO.
+#[test]
+fn a_kvm_bug_on_waits_for_vcpus_to_leave_guest_mode() {
+    let mut s = runnable("upstream", 1);
+    let ops = (0..8)
+        .map(|_| GuestOp::Read {
+            gpa: gpa(0x20).to_shared(),
+        })
+        .collect();
+    let (vcpu, end) = s.spawn_vcpu(0, GuestProgram::new(ops));
+    let exits_when_done = Rc::new(Cell::new(None));
+    let e = exits_when_done.clone();
+    let bugger = s.spawn("bugger", move |cx, kvm| async move {
+        kvm.bug(&cx, "test", "raised in another thread".into())
+            .await;
+        e.set(Some(kvm.st.borrow().vcpus[0].exits));
+    });
+    let mut sc = script(vec![
+        (vcpu, Until::Point("guest")),
+        (bugger, Until::Blocked),
+    ]);
+    let outcome = s.run(&mut sc, 20_000);
+    assert_eq!(outcome, Outcome::AllDone, "{}", s.ex.render_trace());
+    assert_eq!(
+        exits_when_done.get(),
+        Some(1),
+        "KVM_BUG_ON returned before the vCPU left guest mode"
+    );
+    assert_eq!(end.get(), Some(ThreadEnd::Error(Errno::EIO)));
+}
+
 // Seed 004: KVM_PRE_FAULT_MEMORY holds SRCU; the memslot deletion synchronizes it.
 // ---------------------------------------------------------------------------------------
 
@@ -707,7 +741,7 @@ fn kvm_run_refused_before_finalize_and_for_an_uninitialized_vcpu() {
 #[test]
 fn a_dead_vm_refuses_vcpu_and_vm_ioctls_with_eio() {
     let mut s = initialized(1, 1);
-    s.kvm.vm_dead();
+    call(&mut s, |cx, kvm| async move { kvm.vm_dead(&cx).await });
     assert_eq!(init_mem(&mut s, 0, 0x100, 1, 1, false), Err(Errno::EIO));
     assert_eq!(finalize(&mut s), Err(Errno::EIO));
     assert_eq!(
@@ -827,8 +861,8 @@ fn a_dead_vm_answers_kvm_run_at_once_and_bugs_once() {
         // Another thread holds vcpu->mutex and never lets go.
         let m = kvm.st.borrow().vcpus[0].mutex;
         m.lock(&cx).await;
-        kvm.bug(&cx, "test", "first".into());
-        kvm.bug(&cx, "test", "second".into());
+        kvm.bug(&cx, "test", "first".into()).await;
+        kvm.bug(&cx, "test", "second".into()).await;
         kvm.kvm_run(&cx, 0).await
     });
     assert_eq!(r.err(), Some(Errno::EIO));

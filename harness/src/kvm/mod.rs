@@ -273,31 +273,26 @@ impl Kvm {
         })
     }
 
-    /// `KVM_BUG_ON(cond, kvm)` / `TDX_BUG_ON(err, .., kvm)`: WARN, mark the VM bugged and dead
-    /// (`kvm_vm_bugged`), make KVM_REQ_VM_DEAD on every vCPU and kick them. On a VM already
-    /// bugged it does nothing (`WARN_ON_ONCE(cond && !(kvm)->vm_bugged)`).
-    pub fn bug(&self, cx: &Ctx, location: &'static str, what: String) {
+    /// `KVM_BUG_ON(cond, kvm)` / `TDX_BUG_ON(err, .., kvm)`: WARN, mark the VM bugged, then
+    /// `kvm_vm_dead`. On a VM already bugged it does nothing
+    /// (`WARN_ON_ONCE(cond && !(kvm)->vm_bugged)`).
+    pub async fn bug(&self, cx: &Ctx, location: &'static str, what: String) {
         tracing::debug!(location, %what, "KVM_BUG_ON");
-        let mut st = self.st.borrow_mut();
-        if st.bugged {
-            return;
-        }
-        st.bugs.push(BugReport {
-            step: cx.step(),
-            location,
-            what,
-            fatal: true,
-        });
-        st.bugged = true;
-        st.dead = true;
-        for v in &mut st.vcpus {
-            v.requests |= Request::VmDead.bit();
-            if v.mode == GuestMode::InGuest {
-                v.mode = GuestMode::ExitingGuest;
+        {
+            let mut st = self.st.borrow_mut();
+            if st.bugged {
+                return;
             }
+            st.bugs.push(BugReport {
+                step: cx.step(),
+                location,
+                what,
+                fatal: true,
+            });
+            st.bugged = true;
         }
-        drop(st);
         cx.note("KVM_BUG_ON", 0, 0);
+        self.vm_dead(cx).await;
     }
 
     /// `WARN_ON_ONCE` (and `TDX_BUG_ON` without a VM): logged, the VM goes on.
@@ -311,16 +306,11 @@ impl Kvm {
         cx.note("WARN", 0, 0);
     }
 
-    /// `kvm_vm_dead`: dead without a bug (e.g. the guest touched an unaccepted page).
-    pub fn vm_dead(&self) {
-        let mut st = self.st.borrow_mut();
-        st.dead = true;
-        for v in &mut st.vcpus {
-            v.requests |= Request::VmDead.bit();
-            if v.mode == GuestMode::InGuest {
-                v.mode = GuestMode::ExitingGuest;
-            }
-        }
+    /// `kvm_vm_dead`: `vm_dead`, then KVM_REQ_VM_DEAD to every vCPU, which is a waiting request:
+    /// the caller kicks the vCPUs in guest mode and waits until each has left it.
+    pub async fn vm_dead(&self, cx: &Ctx) {
+        self.st.borrow_mut().dead = true;
+        self.make_all_cpus_request(cx, Request::VmDead).await;
     }
 
     /// `kvm->vm_dead` (set by `kvm_vm_dead` and by a KVM_BUG_ON).

@@ -36,7 +36,10 @@ impl Request {
     pub const fn waits(self) -> bool {
         matches!(
             self,
-            Request::MmuFreeObsoleteRoots | Request::TlbFlush | Request::OutsideGuestMode
+            Request::VmDead
+                | Request::MmuFreeObsoleteRoots
+                | Request::TlbFlush
+                | Request::OutsideGuestMode
         )
     }
 }

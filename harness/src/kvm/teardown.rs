@@ -163,11 +163,14 @@ impl Kvm {
             Err(e) if e.status.code == Code::FlushvpNotDone => {
                 cx.note("tdx_mmu_release_hkid: HKID kept", u64::from(hkid.0), 0);
             }
-            Err(e) => self.bug(
-                cx,
-                "tdx_mmu_release_hkid",
-                format!("TDH.MNG.VPFLUSHDONE: {e}; {hkid} leaked"),
-            ),
+            Err(e) => {
+                self.bug(
+                    cx,
+                    "tdx_mmu_release_hkid",
+                    format!("TDH.MNG.VPFLUSHDONE: {e}; {hkid} leaked"),
+                )
+                .await
+            }
         }
         lock.unlock(cx).await;
     }
@@ -178,11 +181,14 @@ impl Kvm {
         match self.module.tdh_vp_flush(cx, lp, tdvpr).await {
             Ok(()) => {}
             Err(e) if e.status.code == Code::VcpuNotAssociated => {}
-            Err(e) => self.bug(
-                cx,
-                "tdx_flush_vp_on_cpu",
-                format!("TDH.VP.FLUSH vcpu{v}: {e}"),
-            ),
+            Err(e) => {
+                self.bug(
+                    cx,
+                    "tdx_flush_vp_on_cpu",
+                    format!("TDH.VP.FLUSH vcpu{v}: {e}"),
+                )
+                .await
+            }
         }
     }
 
@@ -235,7 +241,8 @@ impl Kvm {
                     cx,
                     "tdx_mmu_release_hkid",
                     format!("TDH.MNG.KEY.FREEID: {e}; {hkid:?} leaked"),
-                );
+                )
+                .await;
             }
         }
     }
@@ -333,7 +340,8 @@ impl Kvm {
                 cx,
                 "tdx_reclaim_td_control_pages",
                 format!("TDH.PHYMEM.PAGE.WBINVD of the TDR: {e}"),
-            );
+            )
+            .await;
             let mut h = self.host.borrow_mut();
             let r = h.ledger.leak(tdr, LeakReason::WbinvdFailed);
             h.record(cx.step(), r);
@@ -387,7 +395,7 @@ async fn put_root_read_locked(kvm: &Kvm, cx: &Ctx, root: Option<SpId>) {
         return;
     }
     kvm.mmu_lock.read(cx).await;
-    kvm.tdp_mmu_put_root(cx, r);
+    kvm.tdp_mmu_put_root(cx, r).await;
     kvm.mmu_lock.read_unlock(cx).await;
 }
 

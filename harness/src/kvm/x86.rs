@@ -135,11 +135,11 @@ impl Kvm {
                 return Err(Errno::EIO);
             }
             if self.check_request(v, Request::MmuFreeObsoleteRoots) {
-                self.kvm_mmu_free_obsolete_roots(cx, v);
+                self.kvm_mmu_free_obsolete_roots(cx, v).await;
             }
             self.check_request(v, Request::TlbFlush);
         }
-        self.kvm_mmu_reload(cx, v)?;
+        self.kvm_mmu_reload(cx, v).await?;
         if !self.st.borrow().injected.skip_in_guest_mode {
             self.st.borrow_mut().vcpus[v].mode = GuestMode::InGuest;
         }
@@ -172,9 +172,9 @@ impl Kvm {
     /// `kvm_mmu_reload` (mmu.h): process KVM_REQ_MMU_FREE_OBSOLETE_ROOTS first (since "KVM:
     /// x86/mmu: Check and free obsolete roots in kvm_mmu_reload()", 20a6cff3), then load roots
     /// if the vCPU has none.
-    pub fn kvm_mmu_reload(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
+    pub async fn kvm_mmu_reload(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
         if self.check_request(v, Request::MmuFreeObsoleteRoots) {
-            self.kvm_mmu_free_obsolete_roots(cx, v);
+            self.kvm_mmu_free_obsolete_roots(cx, v).await;
         }
         self.kvm_mmu_load_roots(cx, v)
     }
@@ -207,7 +207,7 @@ impl Kvm {
 
     /// `kvm_mmu_free_obsolete_roots`: drop the vCPU's reference to an invalid direct root (the
     /// mirror root is never examined).
-    pub fn kvm_mmu_free_obsolete_roots(&self, cx: &Ctx, v: usize) {
+    pub async fn kvm_mmu_free_obsolete_roots(&self, cx: &Ctx, v: usize) {
         let root = {
             let st = self.st.borrow();
             st.vcpus[v]
@@ -216,7 +216,7 @@ impl Kvm {
         };
         if let Some(r) = root {
             self.st.borrow_mut().vcpus[v].root = None;
-            self.tdp_mmu_put_root(cx, r);
+            self.tdp_mmu_put_root(cx, r).await;
         }
     }
 }

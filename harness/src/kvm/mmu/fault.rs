@@ -69,7 +69,8 @@ impl Kvm {
             .kvm_mmu_do_page_fault(cx, v, gpa, write, exec, private, false)
             .await?;
         if r == RetPf::Invalid {
-            self.bug(cx, "kvm_mmu_page_fault", "RET_PF_INVALID".into());
+            self.bug(cx, "kvm_mmu_page_fault", "RET_PF_INVALID".into())
+                .await;
             return Err(Errno::EIO);
         }
         Ok(r)
@@ -258,7 +259,8 @@ impl Kvm {
                         cx,
                         "kvm_tdp_mmu_map",
                         "huge page split on a mirror root".into(),
-                    );
+                    )
+                    .await;
                 }
                 return RetPf::Retry;
             }

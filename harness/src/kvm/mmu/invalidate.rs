@@ -126,10 +126,11 @@ impl Kvm {
                     cx,
                     "kvm_tdp_mmu_zap_invalidated_roots",
                     "root scheduled to zap is valid".into(),
-                );
+                )
+                .await;
             }
             self.tdp_mmu_zap_root(cx, r, shared).await;
-            self.tdp_mmu_put_root(cx, r);
+            self.tdp_mmu_put_root(cx, r).await;
         }
         if shared {
             self.mmu_lock.read_unlock(cx).await;

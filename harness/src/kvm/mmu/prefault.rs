@@ -144,7 +144,7 @@ impl Kvm {
             return Err(Errno::EINVAL);
         }
         if !self.policy.prefault_reload_each_retry {
-            self.kvm_mmu_reload(cx, v)?;
+            self.kvm_mmu_reload(cx, v).await?;
         }
         let private = self.st.borrow().attributes.is_private(gpa.gfn());
         let addr = if private { gpa } else { gpa.to_shared() };
@@ -224,7 +224,7 @@ impl Kvm {
                 break Err(Errno::EIO);
             }
             if reload {
-                if let Err(e) = self.kvm_mmu_reload(cx, v) {
+                if let Err(e) = self.kvm_mmu_reload(cx, v).await {
                     break Err(e);
                 }
             }

@@ -334,22 +334,22 @@ impl Kvm {
     }
 
     /// `kvm_tdp_mmu_put_root`: the last reference may only drop on an invalid root.
-    pub(crate) fn tdp_mmu_put_root(&self, cx: &Ctx, root: SpId) {
-        let last = {
+    pub(crate) async fn tdp_mmu_put_root(&self, cx: &Ctx, root: SpId) {
+        let (last, valid) = {
             let mut st = self.st.borrow_mut();
             let sp = st.mmu.sps.get_mut(&root).expect("root");
             sp.refcount -= 1;
-            if sp.refcount == 0 && !sp.invalid {
-                drop(st);
-                self.bug(
-                    cx,
-                    "kvm_tdp_mmu_put_root",
-                    "last reference to a valid root".into(),
-                );
-                return;
-            }
-            sp.refcount == 0
+            (sp.refcount == 0, !sp.invalid)
         };
+        if last && valid {
+            self.bug(
+                cx,
+                "kvm_tdp_mmu_put_root",
+                "last reference to a valid root".into(),
+            )
+            .await;
+            return;
+        }
         if last {
             self.free_sp(root);
         }
@@ -387,7 +387,8 @@ impl Kvm {
                 cx,
                 "__tdp_mmu_set_spte_atomic",
                 "atomic zap of a mirror SPTE".into(),
-            );
+            )
+            .await;
             return Err(SetFail::Busy);
         }
         self.set_external_spte_present(cx, sp, idx, level, gfn, old, new)
@@ -413,7 +414,8 @@ impl Kvm {
                 cx,
                 "set_external_spte_present",
                 "old mirror SPTE present".into(),
-            );
+            )
+            .await;
             return Err(SetFail::Busy);
         }
         let placeholder = if self.policy.freeze {
@@ -503,7 +505,8 @@ impl Kvm {
                     cx,
                     "handle_changed_spte",
                     format!("S-EPT removal of {gfn} failed ({e:?}) with mmu_lock held for write"),
-                );
+                )
+                .await;
             }
         }
     }

@@ -329,7 +329,8 @@ impl Kvm {
                 cx,
                 "tdx_gmem_post_populate",
                 "page_add_src already set".into(),
-            );
+            )
+            .await;
             return Err(Errno::EIO);
         }
         self.st.borrow_mut().tdx.page_add_src = Some(src_page);
@@ -351,7 +352,8 @@ impl Kvm {
         for i in 0..PAGE_SIZE / MR_EXTEND_CHUNK {
             let gpa = Gpa::new(gfn.gpa().raw() + i * MR_EXTEND_CHUNK);
             if let Err(e) = self.module.tdh_mr_extend(cx, tdr, gpa).await {
-                self.bug(cx, "tdx_gmem_post_populate", format!("TDH.MR.EXTEND: {e}"));
+                self.bug(cx, "tdx_gmem_post_populate", format!("TDH.MR.EXTEND: {e}"))
+                    .await;
                 return Err(Errno::EIO);
             }
         }
@@ -386,7 +388,7 @@ impl Kvm {
         };
         let each_retry = self.policy.prefault_reload_each_retry;
         if !each_retry {
-            self.kvm_mmu_reload(cx, v)?;
+            self.kvm_mmu_reload(cx, v).await?;
             self.mmu_topup_memory_caches(v)?;
         }
         let r = loop {
@@ -397,7 +399,7 @@ impl Kvm {
                 return Err(Errno::EIO);
             }
             if each_retry {
-                self.kvm_mmu_reload(cx, v)?;
+                self.kvm_mmu_reload(cx, v).await?;
                 self.mmu_topup_memory_caches(v)?;
             }
             cx.yield_at("kvm_tdp_mmu_map_private_pfn:cond_resched")

@@ -298,7 +298,8 @@ impl Kvm {
                 cx,
                 location,
                 "TDX_OPERAND_BUSY with every vCPU kicked out".into(),
-            );
+            )
+            .await;
             return Err(Errno::EIO);
         }
         r

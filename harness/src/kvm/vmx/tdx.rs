@@ -101,7 +101,8 @@ impl Kvm {
                 cx,
                 "tdx_sept_set_private_spte",
                 "neither old nor new present".into(),
-            );
+            )
+            .await;
             return Err(Errno::EIO);
         }
         if new.is_leaf() {
@@ -128,7 +129,8 @@ impl Kvm {
                 cx,
                 "tdx_spte_to_sept_pt",
                 "child without external_spt".into(),
-            );
+            )
+            .await;
             return Err(Errno::EIO);
         };
         self.tdx_sept_add_table(cx, gfn, level, page).await
@@ -156,7 +158,8 @@ impl Kvm {
                     cx,
                     "tdx_sept_map_nonleaf_spte",
                     format!("TDH.MEM.SEPT.ADD: {e}"),
-                );
+                )
+                .await;
                 Err(Errno::EIO)
             }
         }
@@ -172,7 +175,8 @@ impl Kvm {
         pfn: Pfn,
     ) -> KvmResult<()> {
         if level != PgLevel::L4K {
-            self.bug(cx, "tdx_sept_map_leaf_spte", format!("level {level}"));
+            self.bug(cx, "tdx_sept_map_leaf_spte", format!("level {level}"))
+                .await;
             return Err(Errno::EIO);
         }
         let (runnable, src, pre_fault) = {
@@ -192,7 +196,8 @@ impl Kvm {
             (r, "TDH.MEM.PAGE.AUG")
         } else {
             let Some(src) = src.filter(|_| !pre_fault) else {
-                self.bug(cx, "tdx_mem_page_add", "no page_add_src".into());
+                self.bug(cx, "tdx_mem_page_add", "no page_add_src".into())
+                    .await;
                 return Err(Errno::EIO);
             };
             (
@@ -204,7 +209,8 @@ impl Kvm {
             Ok(()) => Ok(()),
             Err(e) if e.status.is_operand_busy() => Err(Errno::EBUSY),
             Err(e) => {
-                self.bug(cx, "tdx_sept_map_leaf_spte", format!("{leaf}: {e}"));
+                self.bug(cx, "tdx_sept_map_leaf_spte", format!("{leaf}: {e}"))
+                    .await;
                 Err(Errno::EIO)
             }
         }
@@ -234,11 +240,13 @@ impl Kvm {
         expected: Pfn,
     ) -> KvmResult<()> {
         let Some(hkid) = self.st.borrow().tdx.hkid else {
-            self.bug(cx, "tdx_sept_remove_leaf_spte", "no HKID".into());
+            self.bug(cx, "tdx_sept_remove_leaf_spte", "no HKID".into())
+                .await;
             return Err(Errno::EIO);
         };
         if level != PgLevel::L4K {
-            self.bug(cx, "tdx_sept_remove_leaf_spte", format!("level {level}"));
+            self.bug(cx, "tdx_sept_remove_leaf_spte", format!("level {level}"))
+                .await;
             return Err(Errno::EIO);
         }
         let tdr = self.tdr();
@@ -252,7 +260,8 @@ impl Kvm {
                 cx,
                 "tdx_sept_remove_leaf_spte",
                 format!("TDH.MEM.RANGE.BLOCK: {e}"),
-            );
+            )
+            .await;
             return Err(Errno::EIO);
         }
         if self.policy.track_before_remove {
@@ -271,7 +280,8 @@ impl Kvm {
                     cx,
                     "tdx_sept_remove_leaf_spte",
                     format!("TDH.MEM.PAGE.REMOVE: {e}"),
-                );
+                )
+                .await;
                 return Err(Errno::EIO);
             }
         }
@@ -280,7 +290,8 @@ impl Kvm {
                 cx,
                 "tdx_sept_remove_leaf_spte",
                 format!("TDH.PHYMEM.PAGE.WBINVD: {e}"),
-            );
+            )
+            .await;
             return Err(Errno::EIO);
         }
         // tdx_quirk_reset_paddr: the page goes back to guest_memfd zeroed.
@@ -300,7 +311,8 @@ impl Kvm {
         let tdr = self.tdr();
         let m = &self.module;
         if let Err(e) = self.tdh_do_no_vcpus(cx, || m.tdh_mem_track(cx, tdr)).await {
-            self.bug(cx, "tdx_track", format!("TDH.MEM.TRACK: {e}"));
+            self.bug(cx, "tdx_track", format!("TDH.MEM.TRACK: {e}"))
+                .await;
         }
         self.make_all_cpus_request(cx, Request::OutsideGuestMode)
             .await;
@@ -330,7 +342,8 @@ impl Kvm {
                 cx,
                 "tdx_sept_free_private_spt",
                 "HKID still assigned".into(),
-            );
+            )
+            .await;
             let mut h = self.host.borrow_mut();
             let r = h.ledger.leak(page, LeakReason::SeptFreeFailed);
             h.record(cx.step(), r);
@@ -440,7 +453,8 @@ impl Kvm {
                 if e.status.code == Code::RndNoEntropy {
                     return Err(Errno::EAGAIN);
                 }
-                self.bug(cx, "__tdx_td_init", format!("TDH.MNG.CREATE: {e}"));
+                self.bug(cx, "__tdx_td_init", format!("TDH.MNG.CREATE: {e}"))
+                    .await;
                 return Err(Errno::EIO);
             }
             {
@@ -451,7 +465,8 @@ impl Kvm {
             let mut failed = None;
             for pkg in 0..packages {
                 if let Err(e) = m.tdh_mng_key_config(cx, Lp(pkg), tdr).await {
-                    self.bug(cx, "__tdx_td_init", format!("TDH.MNG.KEY.CONFIG: {e}"));
+                    self.bug(cx, "__tdx_td_init", format!("TDH.MNG.KEY.CONFIG: {e}"))
+                        .await;
                     failed = Some((Errno::EIO, 0));
                     break;
                 }
@@ -462,7 +477,8 @@ impl Kvm {
                         let errno = if e.status.code == Code::RndNoEntropy {
                             Errno::EAGAIN
                         } else {
-                            self.bug(cx, "__tdx_td_init", format!("TDH.MNG.ADDCX: {e}"));
+                            self.bug(cx, "__tdx_td_init", format!("TDH.MNG.ADDCX: {e}"))
+                                .await;
                             Errno::EIO
                         };
                         failed = Some((errno, i));
@@ -479,7 +495,8 @@ impl Kvm {
                 let errno = if e.status.code == Code::OperandInvalid {
                     Errno::EINVAL
                 } else {
-                    self.bug(cx, "__tdx_td_init", format!("TDH.MNG.INIT: {e}"));
+                    self.bug(cx, "__tdx_td_init", format!("TDH.MNG.INIT: {e}"))
+                        .await;
                     Errno::EIO
                 };
                 self.tdx_td_init_teardown(cx, &[]).await;
@@ -531,7 +548,8 @@ impl Kvm {
             };
             let m = &self.module;
             if let Err(e) = m.tdh_vp_create(cx, tdr, tdvpr).await {
-                self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.CREATE: {e}"));
+                self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.CREATE: {e}"))
+                    .await;
                 self.free_kernel_pages(cx, &tdcx);
                 self.free_kernel_pages(cx, &[tdvpr]);
                 return Err(Errno::EIO);
@@ -541,7 +559,8 @@ impl Kvm {
                 if let Err(e) = m.tdh_vp_addcx(cx, tdvpr, p).await {
                     // The pages not added go back; TDVPR and those added are the module's
                     // until tdx_vcpu_free reclaims them.
-                    self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.ADDCX: {e}"));
+                    self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.ADDCX: {e}"))
+                        .await;
                     self.free_kernel_pages(cx, &tdcx[i..]);
                     return Err(Errno::EIO);
                 }
@@ -553,7 +572,8 @@ impl Kvm {
             let r = m.tdh_vp_init(cx, lp, tdvpr).await;
             self.mmu_lock.write_unlock(cx).await;
             if let Err(e) = r {
-                self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.INIT: {e}"));
+                self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.INIT: {e}"))
+                    .await;
                 return Err(Errno::EIO);
             }
             self.st.borrow_mut().vcpus[v].initialized = true;
@@ -586,7 +606,8 @@ impl Kvm {
                 Ok(()) => {}
                 Err(e) if e.status.is_operand_busy() => return Err(Errno::EBUSY),
                 Err(e) => {
-                    self.bug(cx, "tdx_td_finalize", format!("TDH.MR.FINALIZE: {e}"));
+                    self.bug(cx, "tdx_td_finalize", format!("TDH.MR.FINALIZE: {e}"))
+                        .await;
                     return Err(Errno::EIO);
                 }
             }
@@ -669,7 +690,7 @@ impl Kvm {
         if private && eeq == crate::tdx_module::Eeq::PendingEptViolation {
             // The guest touched a page it never accepted: pr_warn (no WARN) and kvm_vm_dead.
             cx.note("guest access before accepting", gpa.raw(), 0);
-            self.vm_dead();
+            self.vm_dead(cx).await;
             return Err(Errno::EIO);
         }
         if !private && exec {
@@ -677,7 +698,8 @@ impl Kvm {
                 cx,
                 "tdx_handle_ept_violation",
                 "instruction fetch from shared memory".into(),
-            );
+            )
+            .await;
             return Err(Errno::EIO);
         }
         // Seed 001: a private fault installs nothing, so retrying it here could only spin until
