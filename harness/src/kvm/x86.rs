@@ -176,14 +176,14 @@ impl Kvm {
         if self.check_request(v, Request::MmuFreeObsoleteRoots) {
             self.kvm_mmu_free_obsolete_roots(cx, v).await;
         }
-        self.kvm_mmu_load_roots(cx, v)
+        self.kvm_mmu_load_roots(cx, v).await
     }
 
     /// The `root.hpa == INVALID_PAGE` -> `kvm_mmu_load` part of `kvm_mmu_reload`: top up the
     /// MMU caches (-ENOMEM), then allocate the mirror root if missing and a direct root if the
     /// current one is gone. Policy `sept_off_to_side` has no mirror root (the TDP MMU maps
     /// shared memory only).
-    pub fn kvm_mmu_load_roots(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
+    pub async fn kvm_mmu_load_roots(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
         let (has_mirror, root_ok) = {
             let st = self.st.borrow();
             let vc = &st.vcpus[v];
@@ -197,26 +197,32 @@ impl Kvm {
         }
         self.mmu_topup_memory_caches(v)?;
         if !has_mirror && !self.policy.sept_off_to_side {
-            let m = self.tdp_mmu_alloc_root(cx, v, true)?;
+            let m = self.tdp_mmu_alloc_root(cx, v, true).await?;
             self.st.borrow_mut().vcpus[v].mirror_root = Some(m);
         }
-        let r = self.tdp_mmu_alloc_root(cx, v, false)?;
+        let r = self.tdp_mmu_alloc_root(cx, v, false).await?;
         self.st.borrow_mut().vcpus[v].root = Some(r);
         Ok(())
     }
 
-    /// `kvm_mmu_free_obsolete_roots`: drop the vCPU's reference to an invalid direct root (the
-    /// mirror root is never examined).
+    /// `kvm_mmu_free_obsolete_roots` -> `kvm_mmu_free_roots`: drop the vCPU's reference to an
+    /// invalid direct root (the mirror root is never examined), under mmu_lock for read (the
+    /// TDP MMU is active).
     pub async fn kvm_mmu_free_obsolete_roots(&self, cx: &Ctx, v: usize) {
-        let root = {
+        let obsolete = {
             let st = self.st.borrow();
             st.vcpus[v]
                 .root
-                .filter(|r| st.mmu.sps.get(r).is_some_and(|s| s.invalid))
+                .is_some_and(|r| st.mmu.sps.get(&r).is_some_and(|s| s.invalid))
         };
+        if !obsolete {
+            return;
+        }
+        self.mmu_lock.read(cx).await;
+        let root = self.st.borrow_mut().vcpus[v].root.take();
         if let Some(r) = root {
-            self.st.borrow_mut().vcpus[v].root = None;
             self.tdp_mmu_put_root(cx, r).await;
         }
+        self.mmu_lock.read_unlock(cx).await;
     }
 }

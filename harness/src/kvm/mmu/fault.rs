@@ -301,13 +301,20 @@ impl Kvm {
         fault: &PageFault,
         old: Spte,
     ) -> RetPf {
-        if old.is_present() && (fault.prefetch || old.is_leaf()) {
-            if fault.prefetch && old.is_leaf() && fault.pfn.is_some_and(|p| p != old.pfn()) {
-                // WARN_ON_ONCE(fault->pfn != spte_to_pfn(iter->old_spte)): a stale mapping.
+        // `(fault->prefetch || is_access_allowed(fault, old))`: the model's leaves are RWX and
+        // every TD fault is a write, so access is always allowed and any present leaf makes
+        // the fault spurious, with WARN_ON_ONCE if it maps another pfn (a stale mapping).
+        if old.is_present() && old.is_leaf() {
+            if fault.pfn.is_some_and(|p| p != old.pfn()) {
                 self.warn(
                     cx,
                     "tdp_mmu_map_handle_target_level",
-                    format!("prefetch of {} found pfn {}", fault.gfn, old.pfn()),
+                    format!(
+                        "fault on {} wants pfn {} but the SPTE maps {}",
+                        fault.gfn,
+                        fault.pfn.map_or(0, |p| p.raw()),
+                        old.pfn()
+                    ),
                 );
             }
             return RetPf::Spurious;
@@ -325,6 +332,63 @@ impl Kvm {
         {
             Ok(()) => RetPf::Fixed,
             Err(SetFail::Busy) | Err(SetFail::Hook(_)) => RetPf::Retry,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+    use crate::sched::TraceMode;
+    use crate::stack::Stack;
+
+    /// `tdp_mmu_map_handle_target_level` on a present leaf: spurious for every fault (access is
+    /// always allowed for the model's RWX leaves), with WARN_ON_ONCE when the fault's pfn is
+    /// not the one mapped, prefetch or not. Rows: (prefetch, same pfn, a WARN expected).
+    #[test]
+    fn a_fault_on_a_present_leaf_is_spurious_and_warns_on_another_pfn() {
+        let rows = [
+            (false, true, false),
+            (false, false, true),
+            (true, true, false),
+            (true, false, true),
+        ];
+        for (prefetch, same, warns) in rows {
+            let mut s = Stack::new(Policy::UPSTREAM, 600, TraceMode::Full);
+            s.build_runnable(1);
+            let out = std::rc::Rc::new(std::cell::Cell::new(None));
+            let o = out.clone();
+            s.run_setup(move |cx, kvm| async move {
+                kvm.kvm_mmu_reload(&cx, 0).await.unwrap();
+                let gfn = Gfn::new(0x20);
+                let mapped = Pfn::new(0x4242);
+                let mut fault = PageFault {
+                    addr: gfn.gpa().to_shared(),
+                    gfn,
+                    is_private: false,
+                    write: true,
+                    exec: false,
+                    prefetch: false,
+                    goal_level: PgLevel::L4K,
+                    pfn: Some(mapped),
+                    mmu_seq: 0,
+                };
+                kvm.mmu_lock.read(&cx).await;
+                assert_eq!(kvm.kvm_tdp_mmu_map(&cx, 0, &fault).await, RetPf::Fixed);
+                fault.prefetch = prefetch;
+                fault.pfn = Some(if same { mapped } else { mapped.add(1) });
+                o.set(Some(kvm.kvm_tdp_mmu_map(&cx, 0, &fault).await));
+                kvm.mmu_lock.read_unlock(&cx).await;
+            });
+            let case = format!("prefetch={prefetch} same_pfn={same}");
+            assert_eq!(out.get(), Some(RetPf::Spurious), "{case}");
+            let st = s.kvm.st.borrow();
+            let warned = st
+                .bugs
+                .iter()
+                .any(|b| b.location == "tdp_mmu_map_handle_target_level");
+            assert_eq!(warned, warns, "{case}: {:?}", st.bugs);
         }
     }
 }

@@ -178,18 +178,18 @@ impl Kvm {
             cx.yield_at("kvm_tdp_prefault_page:srcu_dropped").await;
             *srcu = self.srcu.read_lock(cx).await;
             if reload {
-                self.kvm_mmu_reload_keep_obsolete(cx, v)?;
+                self.kvm_mmu_reload_keep_obsolete(cx, v).await?;
             }
         }
     }
 
     /// `kvm_mmu_reload` before 20a6cff3 (the `ReloadNoFreeObsolete` design): a root is loaded
     /// only if the vCPU has none (`root.hpa == INVALID_PAGE`), so an obsolete one stays.
-    fn kvm_mmu_reload_keep_obsolete(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
+    async fn kvm_mmu_reload_keep_obsolete(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
         if self.st.borrow().vcpus[v].root.is_some() {
             return Ok(());
         }
-        self.kvm_mmu_load_roots(cx, v)
+        self.kvm_mmu_load_roots(cx, v).await
     }
 
     /// `kvm_tdp_page_prefault` (`kvm_tdp_map_page` before 7.3): prefetch faults while the

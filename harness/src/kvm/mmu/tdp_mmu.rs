@@ -310,9 +310,16 @@ impl Kvm {
         }
     }
 
-    /// `kvm_tdp_mmu_alloc_root`: an existing valid root of the kind, or a new one (refcount 2:
-    /// the vCPU's and the MMU's own).
-    pub fn tdp_mmu_alloc_root(&self, cx: &Ctx, v: usize, mirror: bool) -> KvmResult<SpId> {
+    /// `kvm_tdp_mmu_alloc_root`, under mmu_lock for read: an existing valid root of the kind,
+    /// or a new one from the vCPU's caches (refcount 2: the vCPU's and the MMU's own).
+    pub async fn tdp_mmu_alloc_root(&self, cx: &Ctx, v: usize, mirror: bool) -> KvmResult<SpId> {
+        self.mmu_lock.read(cx).await;
+        let r = self.tdp_mmu_find_or_alloc_root(cx, v, mirror);
+        self.mmu_lock.read_unlock(cx).await;
+        r
+    }
+
+    fn tdp_mmu_find_or_alloc_root(&self, cx: &Ctx, v: usize, mirror: bool) -> KvmResult<SpId> {
         {
             let mut st = self.st.borrow_mut();
             let found = st
@@ -462,18 +469,17 @@ impl Kvm {
             let old = st.mmu.spte(sp, idx);
             let s = st.mmu.get(sp);
             let (mirror, level) = (s.mirror, s.level);
-            if old.is_frozen() || new.is_frozen() {
-                drop(st);
-                self.warn(
-                    cx,
-                    "tdp_mmu_set_spte",
-                    "frozen SPTE under the write lock".into(),
-                );
-                return;
-            }
             st.mmu.set(sp, idx, new);
             (old, mirror, level)
         };
+        if old.is_frozen() || new.is_frozen() {
+            // WARN_ON_ONCE, and the write goes ahead all the same.
+            self.warn(
+                cx,
+                "tdp_mmu_set_spte",
+                "frozen SPTE under the write lock".into(),
+            );
+        }
         self.handle_changed_spte(cx, mirror, gfn, old, new, level)
             .await;
     }
@@ -587,5 +593,44 @@ impl Kvm {
             flush |= self.tdp_mmu_zap_leafs(cx, r, start, end).await;
         }
         flush
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+    use crate::sched::TraceMode;
+    use crate::stack::Stack;
+
+    /// `tdp_mmu_set_spte` under the write lock: WARN_ON_ONCE on a frozen old or new SPTE, and
+    /// the write (and `handle_changed_spte`) goes ahead all the same. Rows: (old, new).
+    #[test]
+    fn a_frozen_spte_under_the_write_lock_warns_and_is_written() {
+        let rows = [
+            (Spte::FROZEN, Spte::NONPRESENT),
+            (Spte::NONPRESENT, Spte::FROZEN),
+        ];
+        for (old, new) in rows {
+            let mut s = Stack::new(Policy::UPSTREAM, 600, TraceMode::Full);
+            s.build_runnable(1);
+            let seen = std::rc::Rc::new(std::cell::Cell::new(None));
+            let o = seen.clone();
+            s.run_setup(move |cx, kvm| async move {
+                // The first entry of vCPU 0's direct (shared) root.
+                kvm.kvm_mmu_reload(&cx, 0).await.unwrap();
+                let root = kvm.st.borrow().vcpus[0].root.unwrap();
+                kvm.st.borrow_mut().mmu.set(root, 0, old);
+                kvm.mmu_lock.write(&cx).await;
+                kvm.tdp_mmu_set_spte(&cx, root, 0, Gfn::new(0), new).await;
+                kvm.mmu_lock.write_unlock(&cx).await;
+                o.set(Some(kvm.st.borrow().mmu.spte(root, 0)));
+            });
+            assert_eq!(seen.get(), Some(new), "{old:?} -> {new:?} is written");
+            let bugs = &s.kvm.st.borrow().bugs;
+            assert_eq!(bugs.len(), 1, "{bugs:?}");
+            assert_eq!(bugs[0].location, "tdp_mmu_set_spte");
+            assert!(!bugs[0].fatal, "a WARN, not a KVM_BUG_ON");
+        }
     }
 }
