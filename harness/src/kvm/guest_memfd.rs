@@ -37,7 +37,8 @@ pub struct GuestMemfds {
 
 impl GuestMemfds {
     /// `kvm_gmem_get_pfn` without the binding checks the caller does: the page at `index`,
-    /// allocated (and prepared: zeroed) if absent. A closed file gives -EFAULT.
+    /// allocated if absent, and zeroed and marked uptodate ("prepared") if it is not yet, e.g.
+    /// a page a failed populate left in the page cache. A closed file gives -EFAULT.
     pub fn get_pfn(&mut self, host: &mut Host, file: GmemId, index: PgOff) -> KvmResult<Pfn> {
         let f = self.files.get_mut(&file).ok_or(Errno::EFAULT)?;
         if f.closed {
@@ -47,6 +48,10 @@ impl GuestMemfds {
             return Err(Errno::EIO);
         }
         if let Some(p) = f.pages.get(&index) {
+            if f.prepared.insert(index) {
+                // clear_highpage + folio_mark_uptodate.
+                host.write(*p, 0);
+            }
             return Ok(*p);
         }
         let p = host
@@ -92,6 +97,15 @@ impl Kvm {
             .iter()
             .map(|(o, p)| (*o, *p))
             .collect()
+    }
+
+    /// The invalidate lock of `file` while the file is open (a closed file's bindings are
+    /// gone: `kvm_gmem_unbind` finds no `slot->gmem.file`).
+    pub fn open_gmem_invalidate_lock(&self, cx: &Ctx, file: GmemId) -> Option<Mutex> {
+        if self.st.borrow().gmem.files.get(&file)?.closed {
+            return None;
+        }
+        self.gmem_invalidate_lock(cx, file)
     }
 
     /// `filemap_invalidate_lock(inode->i_mapping)` of `file`: the inode's invalidate lock
@@ -279,5 +293,41 @@ impl Kvm {
         self.slots_lock.unlock(cx).await;
         // iput of the inode: the page cache goes.
         self.gmem_truncate(cx, file, PgOff(0), all);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `kvm_gmem_get_pfn` on a page in the page cache that is not uptodate (a populate whose
+    /// callback failed leaves one) zeroes it and marks it uptodate; an uptodate page is handed
+    /// out as it is. Rows: (prepared before, content after).
+    #[test]
+    fn get_pfn_zeroes_a_page_left_unprepared() {
+        for (prepared, want) in [(false, 0), (true, 0x55)] {
+            let host = Host::shared(64);
+            let mut h = host.borrow_mut();
+            let file = GmemId(0);
+            let index = PgOff(3);
+            let p = h
+                .ledger
+                .alloc(AllocFor::GuestMemfd { file, index })
+                .unwrap();
+            h.write(p, 0x55);
+            let mut g = GuestMemfds::default();
+            let mut f = Gmem {
+                npages: 8,
+                ..Gmem::default()
+            };
+            f.pages.insert(index, p);
+            if prepared {
+                f.prepared.insert(index);
+            }
+            g.files.insert(file, f);
+            assert_eq!(g.get_pfn(&mut h, file, index), Ok(p));
+            assert_eq!(h.read(p), want, "prepared before: {prepared}");
+            assert!(g.files[&file].prepared.contains(&index));
+        }
     }
 }

@@ -92,7 +92,16 @@ impl Kvm {
         gmem: Option<(GmemId, PgOff)>,
     ) -> KvmResult<()> {
         self.slots_lock.lock(cx).await;
+        // kvm_gmem_bind stores the binding under the file's invalidate lock, so it waits for a
+        // punch-hole in progress.
+        let bind_lock = gmem.and_then(|(file, _)| self.open_gmem_invalidate_lock(cx, file));
+        if let Some(l) = bind_lock {
+            l.lock(cx).await;
+        }
         let mut r = self.create_memslot_locked(id, base, npages, gmem);
+        if let Some(l) = bind_lock {
+            l.unlock(cx).await;
+        }
         if r.is_ok() {
             self.swap_active_memslots(cx).await;
             if self.policy.sept_off_to_side && gmem.is_some() {
@@ -193,9 +202,17 @@ impl Kvm {
             ));
             slot
         };
-        // kvm_free_memslot: the userspace memory behind it stays the VMM's.
-        let _ = slot;
         self.swap_active_memslots(cx).await;
+        // kvm_free_memslot -> kvm_gmem_unbind: under the file's invalidate lock (none if the
+        // file's release already unbound the slot), so the delete waits out a punch-hole. The
+        // userspace memory behind the slot stays the VMM's.
+        if let Some(l) = slot
+            .gmem
+            .and_then(|(file, _)| self.open_gmem_invalidate_lock(cx, file))
+        {
+            l.lock(cx).await;
+            l.unlock(cx).await;
+        }
         self.slots_lock.unlock(cx).await;
         Ok(())
     }

@@ -1,0 +1,84 @@
+//! Memslot create and delete bind and unbind guest_memfd under the file's invalidate lock
+//! (`kvm_gmem_bind`, `kvm_gmem_unbind` from `kvm_free_memslot`), so neither finishes in the
+//! middle of a punch-hole on that file (issue 17 item 10). One row per memslot op.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+
+use harness::addr::Gfn;
+use harness::ids::{GmemId, PgOff, SlotId};
+use harness::policy::Policy;
+use harness::sched::{Directive, Outcome, Script, TraceMode, Until};
+use harness::stack::{Stack, GUEST_PAGES};
+
+#[derive(Clone, Copy, Debug)]
+enum SlotOp {
+    /// Delete slot 0 (bound to the file being punched).
+    Delete,
+    /// Re-create slot 0 over the same file, after a delete in setup.
+    Create,
+}
+
+#[test]
+fn memslot_ops_wait_for_a_punch_hole_on_their_file() {
+    for op in [SlotOp::Delete, SlotOp::Create] {
+        let mut s = Stack::new(Policy::UPSTREAM, 600, TraceMode::Full);
+        s.build_runnable(1);
+        let file = GmemId(0);
+        if let SlotOp::Create = op {
+            s.run_setup(|cx, kvm| async move {
+                kvm.delete_memslot(&cx, SlotId(0)).await.unwrap();
+            });
+        }
+        let done: Rc<RefCell<Vec<&'static str>>> = Rc::default();
+        let d = done.clone();
+        let punch = s.spawn("punch", move |cx, kvm| async move {
+            kvm.kvm_gmem_punch_hole(&cx, file, PgOff(0x10), 4)
+                .await
+                .unwrap();
+            d.borrow_mut().push("punch");
+        });
+        let d = done.clone();
+        let slot_op = s.spawn("slot_op", move |cx, kvm| async move {
+            let r = match op {
+                SlotOp::Delete => kvm.delete_memslot(&cx, SlotId(0)).await,
+                SlotOp::Create => {
+                    kvm.create_memslot(
+                        &cx,
+                        SlotId(0),
+                        Gfn::new(0),
+                        GUEST_PAGES,
+                        Some((file, PgOff(0))),
+                    )
+                    .await
+                }
+            };
+            r.unwrap();
+            d.borrow_mut().push("slot_op");
+        });
+        let mut sc = Script::new(vec![
+            Directive {
+                task: punch,
+                until: Until::Point("truncate_inode_pages_range"),
+            },
+            Directive {
+                task: slot_op,
+                until: Until::Blocked,
+            },
+        ]);
+        assert_eq!(s.run(&mut sc, 50_000), Outcome::AllDone, "{op:?}");
+        assert_eq!(done.borrow().len(), 2, "{op:?}: both finish");
+        let trace = s.ex.render_trace();
+        let at = |what: &str| {
+            trace
+                .find(what)
+                .unwrap_or_else(|| panic!("{op:?}: no `{what}`\n{trace}"))
+        };
+        // The memslot op waited for the lock the punch-hole held and finished after it.
+        assert!(at("slot_op      blocked on filemap_invalidate_lock") > 0);
+        assert!(
+            at("punch        unlock(filemap_invalidate_lock)") < at("slot_op      exit"),
+            "{op:?}\n{trace}"
+        );
+    }
+}
