@@ -312,9 +312,12 @@ fn unflushed_vcpu_keeps_the_hkid_and_teardown_leaks_on_purpose() {
     let mut guest_pages = Vec::new();
     let (s, before) = teardown_scenario("upstream", |s| {
         guest_pages = s.kvm.gmem_pages(GmemId(0));
-        // vCPU 1's thread moved to LP 3 without the flush from its old CPU: the module still
-        // has it associated with LP 1, so VP.FLUSH on LP 3 finds nothing to flush.
-        s.kvm.st.borrow_mut().vcpus[1].lp = Lp(3);
+        // vCPU 1's thread moved to LP 3 without the flush from its old CPU (`vcpu->cpu` says
+        // 3): the module still has it associated with LP 1, so VP.FLUSH on LP 3 finds
+        // nothing to flush.
+        let mut st = s.kvm.st.borrow_mut();
+        st.vcpus[1].lp = Lp(3);
+        st.vcpus[1].cpu = Some(Lp(3));
     });
     assert_eq!(
         notes(&s, "TDH.VP.FLUSH"),
@@ -518,4 +521,42 @@ fn release_closes_the_file_and_zaps_its_mappings() {
     );
     assert!(s.kvm.gmem_pages(GmemId(0)).is_empty());
     assert!(fatal(&s.kvm).is_empty());
+}
+
+/// Issue 17 item 11: `tdx_vcpu_free` on a vCPU still on a pCPU (`vcpu->cpu != -1`) flushes it
+/// there and frees nothing: TDH.VP.FLUSH only if it is INITIALIZED (which is a KVM_BUG_ON:
+/// teardown should have flushed it), the vCPU disassociated either way, its pages kept.
+/// Rows: (KVM_TDX_INIT_VCPU done, VP.FLUSH and KVM_BUG_ON expected).
+#[test]
+fn freeing_a_vcpu_still_on_a_pcpu_only_flushes_it() {
+    for initialized in [false, true] {
+        let (mut s, _) = new_stack("upstream");
+        s.run_setup(move |cx, kvm| async move {
+            kvm.tdx_td_init(&cx, harness::ids::Hkid(32), 4)
+                .await
+                .unwrap();
+            let v = kvm.create_vcpu(Lp(0), GuestProgram::default()).unwrap();
+            if initialized {
+                kvm.tdx_td_vcpu_init(&cx, v).await.unwrap();
+            }
+            assert_eq!(kvm.st.borrow().vcpus[v].cpu, Some(Lp(0)));
+            kvm.tdx_vcpu_free(&cx, v).await;
+        });
+        let st = s.kvm.st.borrow();
+        assert_eq!(st.vcpus[0].cpu, None, "initialized={initialized}");
+        assert_eq!(
+            notes(&s, "TDH.VP.FLUSH").len(),
+            usize::from(initialized),
+            "initialized={initialized}"
+        );
+        let bugs = fatal(&s.kvm);
+        assert_eq!(
+            bugs.iter().any(|b| b.starts_with("tdx_vcpu_free")),
+            initialized,
+            "{bugs:?}"
+        );
+        // Nothing was reclaimed: the TDVPR (if any) is still the TD's.
+        assert!(notes(&s, "TDH.PHYMEM.PAGE.RECLAIM").is_empty());
+        assert_eq!(st.vcpus[0].tdvpr.is_some(), initialized);
+    }
 }

@@ -146,6 +146,10 @@ pub struct Vcpu {
     pub idx: VcpuIdx,
     /// The pCPU its thread runs on.
     pub lp: Lp,
+    /// `vcpu->cpu`: the pCPU it was last loaded on (set by `vcpu_load`, None = -1 once
+    /// `tdx_disassociate_vp` ran). With an HKID assigned, Some also means the vCPU is on that
+    /// pCPU's `associated_tdvcpus` list.
+    pub cpu: Option<Lp>,
     pub tdvpr: Option<Pfn>,
     pub tdcx: Vec<Pfn>,
     /// `vcpu_tdx->state == VCPU_TD_STATE_INITIALIZED`.
@@ -373,6 +377,8 @@ impl Kvm {
         st.vcpus.push(Vcpu {
             idx: VcpuIdx(idx as u32),
             lp,
+            // kvm_arch_vcpu_create loads the vCPU once (vcpu_load/vcpu_put).
+            cpu: Some(lp),
             tdvpr: None,
             tdcx: Vec::new(),
             initialized: false,

@@ -22,9 +22,9 @@
 //! the first (TDX_WBCACHE_NOT_COMPLETE, a TDX_BUG_ON with the VM); the HKID then stays assigned
 //! and every later reclaim is given up, so the TDR-first order cannot get further than leaking.
 //!
-//! Not modelled: `cpus_read_lock` (no CPU hotplug), the `vcpu->cpu != -1` branch of
-//! `tdx_vcpu_free` (in the model every vCPU with TDX pages was flushed by
-//! `tdx_mmu_release_hkid`), RCU callbacks (shadow pages are freed at once).
+//! Not modelled: `cpus_read_lock` and `tdx_disable_virtualization_cpu` (no CPU hotplug), vCPU
+//! migration between pCPUs (a vCPU's thread stays on its LP), RCU callbacks (shadow pages are
+//! freed at once).
 
 use crate::addr::{Gfn, Pfn, PgLevel};
 use crate::host::{CacheKey, LeakReason};
@@ -129,22 +129,15 @@ impl Kvm {
     /// and any other failure is a TDX_BUG_ON: either way the HKID stays assigned and everything
     /// the TD holds is leaked later.
     pub async fn tdx_mmu_release_hkid(&self, cx: &Ctx) {
-        let (hkid, tdr, vcpus) = {
+        let (hkid, tdr, nvcpus) = {
             let st = self.st.borrow();
-            let vcpus: Vec<(usize, Lp, Pfn)> = st
-                .vcpus
-                .iter()
-                .enumerate()
-                .filter(|(_, v)| v.initialized)
-                .filter_map(|(i, v)| v.tdvpr.map(|t| (i, v.lp, t)))
-                .collect();
-            (st.tdx.hkid, st.tdx.tdr, vcpus)
+            (st.tdx.hkid, st.tdx.tdr, st.vcpus.len())
         };
         let (Some(hkid), Some(tdr)) = (hkid, tdr) else {
             return;
         };
-        for (v, lp, tdvpr) in vcpus {
-            self.tdx_flush_vp_on_cpu(cx, v, lp, tdvpr).await;
+        for v in 0..nvcpus {
+            self.tdx_flush_vp_on_cpu(cx, v).await;
         }
         let lock = self.tdx_lock;
         lock.lock(cx).await;
@@ -175,10 +168,22 @@ impl Kvm {
         lock.unlock(cx).await;
     }
 
-    /// `tdx_flush_vp_on_cpu` -> `tdx_flush_vp` on the vCPU's CPU: TDH.VP.FLUSH
-    /// (VCPU_NOT_ASSOCIATED is fine, anything else is a KVM_BUG_ON), then disassociate.
-    async fn tdx_flush_vp_on_cpu(&self, cx: &Ctx, v: usize, lp: Lp, tdvpr: Pfn) {
-        match self.module.tdh_vp_flush(cx, lp, tdvpr).await {
+    /// `tdx_flush_vp_on_cpu` -> `tdx_flush_vp` by IPI on `vcpu->cpu` (nothing if -1):
+    /// TDH.VP.FLUSH unless the vCPU is UNINITIALIZED (VCPU_NOT_ASSOCIATED is fine, anything
+    /// else is a TDX_BUG_ON), then `tdx_disassociate_vp` whatever the flush gave.
+    async fn tdx_flush_vp_on_cpu(&self, cx: &Ctx, v: usize) {
+        let (cpu, initialized, tdvpr) = {
+            let st = self.st.borrow();
+            let vc = &st.vcpus[v];
+            (vc.cpu, vc.initialized, vc.tdvpr)
+        };
+        let Some(lp) = cpu else { return };
+        let r = match tdvpr {
+            Some(tdvpr) if initialized => self.module.tdh_vp_flush(cx, lp, tdvpr).await,
+            _ => Ok(()),
+        };
+        self.st.borrow_mut().vcpus[v].cpu = None;
+        match r {
             Ok(()) => {}
             Err(e) if e.status.code == Code::VcpuNotAssociated => {}
             Err(e) => {
@@ -247,9 +252,27 @@ impl Kvm {
         }
     }
 
-    /// `tdx_vcpu_free`: with the HKID still assigned nothing can be reclaimed (the pages are
-    /// leaked); otherwise reclaim each TDCX page, then the TDVPR.
+    /// `tdx_vcpu_free`: a vCPU still on a pCPU (`vcpu->cpu != -1`) is flushed there and freed
+    /// no further (KVM_BUG_ON if it is INITIALIZED; its pages stay allocated); with the HKID
+    /// still assigned nothing can be reclaimed (the pages are leaked on purpose); otherwise
+    /// reclaim each TDCX page, then the TDVPR.
     pub async fn tdx_vcpu_free(&self, cx: &Ctx, v: usize) {
+        let (cpu, initialized) = {
+            let st = self.st.borrow();
+            (st.vcpus[v].cpu, st.vcpus[v].initialized)
+        };
+        if cpu.is_some() {
+            if initialized {
+                self.bug(
+                    cx,
+                    "tdx_vcpu_free",
+                    format!("vcpu{v} freed while INITIALIZED and associated"),
+                )
+                .await;
+            }
+            self.tdx_flush_vp_on_cpu(cx, v).await;
+            return;
+        }
         let (hkid, tdcx, tdvpr) = {
             let mut st = self.st.borrow_mut();
             let hkid = st.tdx.hkid;
