@@ -256,7 +256,7 @@ fn leak_point(p: &str) -> &'static str {
 /// run. The caller makes its observer from `run.stack`'s handles, then calls `Run::execute`.
 pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
     let mut stack = Stack::new(cfg.policy, cfg.host_pages, cfg.trace);
-    stack.build_with(sc.vcpus, &sc.init_pages);
+    stack.build_configured(sc.vcpus, &sc.init_pages, sc.td.attributes());
     let cx = stack.cx.clone();
     let exited: Vec<Completion> = (0..sc.vcpus)
         .map(|_| Completion::new(&cx, "vcpu thread exit"))

@@ -66,12 +66,17 @@ impl Stack {
     /// `build_runnable` plus, before finalize, KVM_TDX_INIT_MEM_REGION (measured PAGE.ADD) of
     /// each `(gfn, content)` page through vCPU 0.
     pub fn build_with(&mut self, nvcpus: u8, init_pages: &[(Gfn, u64)]) {
+        self.build_configured(nvcpus, init_pages, 0);
+    }
+
+    /// `build_with` with `init_vm->attributes` for KVM_TDX_INIT_VM.
+    pub fn build_configured(&mut self, nvcpus: u8, init_pages: &[(Gfn, u64)], attributes: u64) {
         let init = init_pages.to_vec();
         self.run_setup(move |cx, kvm| async move {
             // QEMU enables MapGPA exits for a TD (KVM_CAP_EXIT_HYPERCALL).
             kvm.enable_cap_exit_hypercall(1 << crate::kvm::vmx::tdvmcall::KVM_HC_MAP_GPA_RANGE)
                 .expect("KVM_CAP_EXIT_HYPERCALL");
-            kvm.tdx_td_init(&cx, Hkid(32), 4)
+            kvm.tdx_td_init_attrs(&cx, Hkid(32), 4, attributes)
                 .await
                 .expect("KVM_TDX_INIT_VM");
             for i in 0..nvcpus {

@@ -129,9 +129,16 @@ async fn initialized_td(cx: &Ctx, m: &TdxModule, hkid: Hkid, max_vcpus: u32) -> 
     let tdr = create_keyed(cx, m, hkid).await;
     let n = m.state().config.tdcs_pages;
     add_tdcs(cx, m, tdr, n).await;
-    m.tdh_mng_init(cx, tdr, TdParams { max_vcpus })
-        .await
-        .expect("MNG.INIT");
+    m.tdh_mng_init(
+        cx,
+        tdr,
+        TdParams {
+            max_vcpus,
+            attributes: 0,
+        },
+    )
+    .await
+    .expect("MNG.INIT");
     tdr
 }
 
@@ -558,7 +565,15 @@ fn mng_init_success() {
         let n = m.state().config.tdcs_pages;
         add_tdcs(&cx, &m, tdr, n).await;
         assert_eq!(
-            st(m.tdh_mng_init(&cx, tdr, TdParams { max_vcpus: 2 }).await),
+            st(m.tdh_mng_init(
+                &cx,
+                tdr,
+                TdParams {
+                    max_vcpus: 2,
+                    attributes: 0
+                }
+            )
+            .await),
             SUCCESS
         );
         let s = m.state();
@@ -577,7 +592,10 @@ fn mng_init_before_enough_tdcs_pages() {
     b.run(|cx, m| async move {
         let min = m.state().config.tdcs_pages;
         let tdr = create_keyed(&cx, &m, HKID).await;
-        let params = TdParams { max_vcpus: 1 };
+        let params = TdParams {
+            max_vcpus: 1,
+            attributes: 0,
+        };
         assert_eq!(
             st(m.tdh_mng_init(&cx, tdr, params).await),
             TDCS_NOT_ALLOCATED
@@ -600,7 +618,15 @@ fn mng_init_before_keys_configured() {
         let tdr = alloc(&m, KernelUse::Tdr);
         m.tdh_mng_create(&cx, tdr, HKID).await.unwrap();
         assert_eq!(
-            st(m.tdh_mng_init(&cx, tdr, TdParams { max_vcpus: 1 }).await),
+            st(m.tdh_mng_init(
+                &cx,
+                tdr,
+                TdParams {
+                    max_vcpus: 1,
+                    attributes: 0
+                }
+            )
+            .await),
             TD_KEYS_NOT_CONFIGURED
         );
     });
@@ -614,7 +640,15 @@ fn mng_init_twice_is_op_state_incorrect() {
     b.run(|cx, m| async move {
         let tdr = initialized_td(&cx, &m, HKID, 4).await;
         assert_eq!(
-            st(m.tdh_mng_init(&cx, tdr, TdParams { max_vcpus: 4 }).await),
+            st(m.tdh_mng_init(
+                &cx,
+                tdr,
+                TdParams {
+                    max_vcpus: 4,
+                    attributes: 0
+                }
+            )
+            .await),
             OP_STATE_INCORRECT
         );
         assert_eq!(m.state().tds[&tdr].max_vcpus, 4);
@@ -631,7 +665,15 @@ fn mng_init_max_vcpus_zero() {
         let n = m.state().config.tdcs_pages;
         add_tdcs(&cx, &m, tdr, n).await;
         assert_eq!(
-            st(m.tdh_mng_init(&cx, tdr, TdParams { max_vcpus: 0 }).await),
+            st(m.tdh_mng_init(
+                &cx,
+                tdr,
+                TdParams {
+                    max_vcpus: 0,
+                    attributes: 0
+                }
+            )
+            .await),
             OPERAND_INVALID | OPERAND_ID_MAX_VCPUS
         );
         assert_eq!(m.state().tds[&tdr].op_state, OpState::Uninitialized);
@@ -678,9 +720,16 @@ fn vp_create_wrong_op_state_and_page() {
             st(m.tdh_vp_create(&cx, tdr, tdvpr).await),
             OP_STATE_INCORRECT
         );
-        m.tdh_mng_init(&cx, tdr, TdParams { max_vcpus: 4 })
-            .await
-            .unwrap();
+        m.tdh_mng_init(
+            &cx,
+            tdr,
+            TdParams {
+                max_vcpus: 4,
+                attributes: 0,
+            },
+        )
+        .await
+        .unwrap();
         assert_eq!(
             st(m.tdh_vp_create(&cx, tdr, tdcs[0]).await),
             PAGE_METADATA_INCORRECT | RCX

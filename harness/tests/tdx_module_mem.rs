@@ -322,9 +322,16 @@ fn assert_prologue(call: LeafCall, tdr_opid: u64) {
         assert!(no_locks_held(&m));
         assert_eq!(m.state().tds[&tdr].chldcnt, cfg.tdcs_pages as u64);
         // MNG.INIT still works: nothing the refused calls did stuck.
-        m.tdh_mng_init(&cx, tdr, TdParams { max_vcpus: 1 })
-            .await
-            .unwrap();
+        m.tdh_mng_init(
+            &cx,
+            tdr,
+            TdParams {
+                max_vcpus: 1,
+                attributes: 0,
+            },
+        )
+        .await
+        .unwrap();
     });
 }
 

@@ -751,6 +751,18 @@ fn a_dead_vm_refuses_vcpu_and_vm_ioctls_with_eio() {
         Err(Errno::EIO)
     );
     assert_eq!(prefault(&mut s, 0, gpa(0x40), 4096), Err(Errno::EIO));
+    // The memory ioctls are VM ioctls too (kvm_vm_ioctl checks kvm->vm_dead first).
+    let vm_ioctls = call(&mut s, |cx, kvm| async move {
+        vec![
+            kvm.set_memory_attributes(&cx, Gfn::new(0x10), Gfn::new(0x11), false)
+                .await,
+            kvm.delete_memslot(&cx, SlotId(0)).await,
+            kvm.create_memslot(&cx, SlotId(1), Gfn::new(0x1000), 1, None)
+                .await,
+        ]
+    });
+    assert_eq!(vm_ioctls, vec![Err(Errno::EIO); 3]);
+    assert_eq!(s.kvm.st.borrow().memslots.slots.len(), 1);
     assert_eq!(s.kvm.st.borrow().tdx.state, TdState::Initialized);
 }
 

@@ -60,6 +60,10 @@ impl Kvm {
         end: Gfn,
         private: bool,
     ) -> KvmResult<()> {
+        // kvm_vm_ioctl: a dead VM answers every VM ioctl with -EIO.
+        if self.is_dead() {
+            return Err(super::Errno::EIO);
+        }
         if start >= end {
             return Err(super::Errno::EINVAL);
         }

@@ -196,6 +196,9 @@ pub struct KvmState {
     pub hypercall_exit_enabled: u64,
     pub bugged: bool,
     pub dead: bool,
+    /// `kvm_vm_dead` came from the guest's own access to a page it never accepted (with
+    /// SEPT_VE_DISABLE): upstream's chosen answer, not harm to the host.
+    pub killed_by_guest: bool,
     pub bugs: Vec<BugReport>,
     /// Guest-visible memory events with their steps.
     pub mem_log: Vec<(u64, MemEvent)>,
@@ -256,6 +259,7 @@ impl Kvm {
                 vcpus: Vec::new(),
                 created_vcpus: 0,
                 hypercall_exit_enabled: 0,
+                killed_by_guest: false,
                 bugged: false,
                 dead: false,
                 bugs: Vec::new(),

@@ -7,8 +7,8 @@
 use arbitrary::{Arbitrary, Unstructured};
 
 use super::{
-    Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, VmmOp, MAX_TASK_OPS, MAX_VCPUS,
-    MAX_VMM_TASKS,
+    Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, TdConfig, VmmOp, MAX_TASK_OPS,
+    MAX_VCPUS, MAX_VMM_TASKS,
 };
 use crate::addr::Gfn;
 
@@ -161,11 +161,15 @@ pub fn decode(data: &[u8]) -> Scenario {
         init: Vec::new(),
         vmm1: Vec::new(),
     });
-    // Mostly one or two vCPUs (the MMU races need two), sometimes up to MAX_VCPUS.
+    // Mostly one or two vCPUs (the MMU races need two), sometimes up to MAX_VCPUS; the top
+    // bit is the TD's SEPT_VE_DISABLE attribute.
     let vcpus = match raw.vcpus % 8 {
         0..=3 => 1,
         4..=6 => 2,
-        _ => 2 + (raw.vcpus / 8) % (MAX_VCPUS - 1),
+        _ => 2 + ((raw.vcpus & 0x7f) / 8) % (MAX_VCPUS - 1),
+    };
+    let td = TdConfig {
+        sept_ve_disable: raw.vcpus & 0x80 != 0,
     };
     let mut tasks = Vec::new();
     for (i, g) in raw.guest.iter().enumerate().take(usize::from(vcpus)) {
@@ -200,6 +204,7 @@ pub fn decode(data: &[u8]) -> Scenario {
     }
     Scenario {
         vcpus,
+        td,
         init_pages,
         tasks,
         schedule: Schedule::Bytes(sched.iter().take(4096).copied().collect()),

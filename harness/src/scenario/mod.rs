@@ -130,10 +130,30 @@ pub enum Expect {
     Violation(String),
 }
 
+/// The TD configuration the VMM chooses at KVM_TDX_INIT_VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TdConfig {
+    /// ATTRIBUTES.SEPT_VE_DISABLE: an access to a PENDING page exits to KVM (which kills the
+    /// VM: `tdx_is_sept_violation_unexpected_pending`) instead of raising #VE in the guest.
+    pub sept_ve_disable: bool,
+}
+
+impl TdConfig {
+    /// `init_vm->attributes`.
+    pub fn attributes(self) -> u64 {
+        if self.sept_ve_disable {
+            crate::tdx_module::ATTR_SEPT_VE_DISABLE
+        } else {
+            0
+        }
+    }
+}
+
 /// A whole scenario.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scenario {
     pub vcpus: u8,
+    pub td: TdConfig,
     /// Pages added at build time with TDH.MEM.PAGE.ADD (KVM_TDX_INIT_MEM_REGION), with content.
     pub init_pages: Vec<(Gfn, u64)>,
     pub tasks: Vec<Task>,

@@ -21,8 +21,8 @@ use std::fmt::Write;
 use thiserror::Error;
 
 use super::{
-    Dir, DirUntil, Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, VmmOp, MAX_GFN,
-    MAX_TASK_OPS, MAX_VCPUS, MAX_VMM_TASKS,
+    Dir, DirUntil, Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, TdConfig, VmmOp,
+    MAX_GFN, MAX_TASK_OPS, MAX_VCPUS, MAX_VMM_TASKS,
 };
 use crate::addr::Gfn;
 
@@ -43,6 +43,9 @@ fn hex(v: u64) -> String {
 pub fn print(s: &Scenario) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "vcpus {}", s.vcpus);
+    if s.td.sept_ve_disable {
+        let _ = writeln!(o, "attributes sept_ve_disable");
+    }
     for (g, v) in &s.init_pages {
         let _ = writeln!(o, "init {} {}", hex(g.raw()), hex(*v));
     }
@@ -386,6 +389,7 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
     first.done(2)?;
     let mut s = Scenario {
         vcpus,
+        td: TdConfig::default(),
         init_pages: Vec::new(),
         tasks: Vec::new(),
         schedule: Schedule::Fair,
@@ -397,6 +401,20 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
             return Err(l.err(c, "an indented line outside a task or schedule block"));
         }
         match head {
+            "attributes" => {
+                if !s.init_pages.is_empty() || !s.tasks.is_empty() || s.td != TdConfig::default() {
+                    return Err(l.err(c, "`attributes` comes once, right after `vcpus`"));
+                }
+                let (ac, a) = l.tok(1, "a TD attribute")?;
+                if a != "sept_ve_disable" {
+                    return Err(l.err(
+                        ac,
+                        format!("unknown TD attribute `{a}` (expected sept_ve_disable)"),
+                    ));
+                }
+                s.td.sept_ve_disable = true;
+                l.done(2)?;
+            }
             "init" => {
                 if !s.tasks.is_empty() {
                     return Err(l.err(c, "`init` lines come before the tasks"));
@@ -563,6 +581,9 @@ expect violation must_not_fail
         assert_eq!(print(&s), EXAMPLE);
         assert_eq!(parse(&print(&s)).unwrap(), s);
         let b = Scenario {
+            td: TdConfig {
+                sept_ve_disable: true,
+            },
             schedule: Schedule::Bytes(vec![0, 0xff, 0x10]),
             expect: Expect::Clean,
             ..s

@@ -39,7 +39,7 @@ pub use pamt::{PageType, Pamt, PamtEntry};
 pub use phymem::{CacheWbCmd, ReclaimInfo};
 pub use sept::{Sept, SeptEntry, SeptState};
 pub use status::{Code, Operand, SeamErr, SeamResult, SeptDetails, Status};
-pub use td::{Lifecycle, OpState, TdParams};
+pub use td::{Lifecycle, OpState, TdParams, ATTR_SEPT_VE_DISABLE};
 pub use tdcall::{AccessKind, AccessResult, Eeq, GuestExit, TdcallResult};
 pub use vcpu::{EnterOutcome, VcpuState, MAX_TDVPS_PAGES};
 

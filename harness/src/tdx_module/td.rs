@@ -32,7 +32,13 @@ pub enum OpState {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TdParams {
     pub max_vcpus: u32,
+    /// TD_PARAMS.ATTRIBUTES (the model reads SEPT_VE_DISABLE only).
+    pub attributes: u64,
 }
+
+/// ATTRIBUTES.SEPT_VE_DISABLE (bit 28): an access to a PENDING page is an EPT-violation TD exit
+/// instead of #VE (TDH.MNG.INIT copies it into TD_CTLS.PENDING_VE_DISABLE).
+pub const ATTR_SEPT_VE_DISABLE: u64 = 1 << 28;
 
 /// TD_PARAMS operand id of MAX_VCPUS.
 const OPERAND_MAX_VCPUS: u32 = 68;
@@ -200,6 +206,7 @@ impl TdxModule {
             |st, _, (), _| {
                 let td = st.td_mut(tdr);
                 td.max_vcpus = params.max_vcpus;
+                td.pending_ve_disable = params.attributes & ATTR_SEPT_VE_DISABLE != 0;
                 td.num_vcpus = 0;
                 td.num_assoc_vcpus = 0;
                 td.td_epoch = 1;

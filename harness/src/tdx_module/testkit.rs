@@ -98,9 +98,16 @@ pub async fn build_td(cx: &Ctx, m: &TdxModule, hkid: Hkid, nvcpus: u8) -> BuiltT
         m.tdh_mng_addcx(cx, tdr, p).await.expect("MNG.ADDCX");
         tdcs.push(p);
     }
-    m.tdh_mng_init(cx, tdr, TdParams { max_vcpus: 4 })
-        .await
-        .expect("MNG.INIT");
+    m.tdh_mng_init(
+        cx,
+        tdr,
+        TdParams {
+            max_vcpus: 4,
+            attributes: 0,
+        },
+    )
+    .await
+    .expect("MNG.INIT");
     let mut vcpus = Vec::new();
     for i in 0..nvcpus {
         vcpus.push(build_vcpu(cx, m, tdr, Lp(i)).await);

@@ -417,6 +417,19 @@ impl Kvm {
     /// under the global `tdx_lock`, KEY.CONFIG on each package, ADDCX for each TDCS page,
     /// MNG.INIT; a failure after MNG.CREATE releases the HKID and reclaims what was added.
     pub async fn tdx_td_init(&self, cx: &Ctx, hkid: Hkid, max_vcpus: u32) -> KvmResult<()> {
+        self.tdx_td_init_attrs(cx, hkid, max_vcpus, 0).await
+    }
+
+    /// KVM_TDX_INIT_VM with `init_vm->attributes`: `setup_tdparams` refuses attributes KVM
+    /// does not support (-EINVAL; the model supports SEPT_VE_DISABLE only), then as
+    /// [`Kvm::tdx_td_init`].
+    pub async fn tdx_td_init_attrs(
+        &self,
+        cx: &Ctx,
+        hkid: Hkid,
+        max_vcpus: u32,
+        attributes: u64,
+    ) -> KvmResult<()> {
         if self.is_dead() {
             return Err(Errno::EIO);
         }
@@ -427,6 +440,9 @@ impl Kvm {
             }
             if self.st.borrow().created_vcpus != 0 {
                 return Err(Errno::EBUSY);
+            }
+            if attributes & !crate::tdx_module::ATTR_SEPT_VE_DISABLE != 0 {
+                return Err(Errno::EINVAL);
             }
             let (packages, ntdcs) = {
                 let s = self.module.state();
@@ -491,7 +507,17 @@ impl Kvm {
                 self.tdx_td_init_teardown(cx, &tdcs[added..]).await;
                 return Err(errno);
             }
-            if let Err(e) = m.tdh_mng_init(cx, tdr, TdParams { max_vcpus }).await {
+            if let Err(e) = m
+                .tdh_mng_init(
+                    cx,
+                    tdr,
+                    TdParams {
+                        max_vcpus,
+                        attributes,
+                    },
+                )
+                .await
+            {
                 let errno = if e.status.code == Code::OperandInvalid {
                     Errno::EINVAL
                 } else {
@@ -690,6 +716,7 @@ impl Kvm {
         if private && eeq == crate::tdx_module::Eeq::PendingEptViolation {
             // The guest touched a page it never accepted: pr_warn (no WARN) and kvm_vm_dead.
             cx.note("guest access before accepting", gpa.raw(), 0);
+            self.st.borrow_mut().killed_by_guest = true;
             self.vm_dead(cx).await;
             return Err(Errno::EIO);
         }
