@@ -149,16 +149,11 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp) -> Result<(), Errno> {
             .await
         }
         VmmOp::PunchHole { gfn, npages } => {
-            let file = kvm
-                .st
-                .borrow()
-                .memslots
-                .lookup(gfn)
-                .and_then(|s| s.gmem_index(gfn));
-            match file {
-                Some((f, off)) => kvm.kvm_gmem_punch_hole(cx, f, off, npages).await,
-                None => Err(Errno::EINVAL),
-            }
+            // fallocate() on the VMM's guest_memfd fd: the file backs gfn g at offset g (slot 0
+            // binds it at 0), whether or not a memslot is bound right now.
+            let file = crate::ids::GmemId(0);
+            kvm.kvm_gmem_punch_hole(cx, file, crate::ids::PgOff(gfn.raw()), npages)
+                .await
         }
         VmmOp::Prefault { vcpu, gfn, npages } => loop {
             let gpa = gfn.gpa();
@@ -181,6 +176,22 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp) -> Result<(), Errno> {
         }
         VmmOp::ZapAllFast => {
             kvm.kvm_mmu_zap_all_fast(cx).await;
+            Ok(())
+        }
+        VmmOp::CloseGmem => {
+            let file = crate::ids::GmemId(0);
+            if kvm
+                .st
+                .borrow()
+                .gmem
+                .files
+                .get(&file)
+                .is_none_or(|f| f.closed)
+            {
+                // close() of an fd that is already closed.
+                return Err(Errno::EBADF);
+            }
+            kvm.kvm_gmem_release(cx, file).await;
             Ok(())
         }
         VmmOp::ZeroStep { vcpu, gfn } => {

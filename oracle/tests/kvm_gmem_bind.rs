@@ -82,3 +82,55 @@ fn memslot_ops_wait_for_a_punch_hole_on_their_file() {
         );
     }
 }
+
+/// close() of the guest_memfd fd (issue 11 item 1): `kvm_gmem_release` unbinds and zaps;
+/// afterwards the fd is gone, so fallocate and a bind through it fail with -EBADF, and a second
+/// close too. The run stays clean. Rows: (scenario after the build, errors the VMM sees).
+#[test]
+fn closing_guest_memfd_and_using_it_afterwards() {
+    use harness::kvm::Errno;
+    use harness::run::RunConfig;
+    use harness::scenario::text::{parse, print};
+    use harness::scenario::VmmOp;
+    use oracle::check::run_scenario;
+    let rows: &[(&str, &[Errno])] = &[
+        ("task vmm0\n  close_gmem\n", &[]),
+        ("task vmm0\n  close_gmem\n  close_gmem\n", &[Errno::EBADF]),
+        (
+            "task vmm0\n  close_gmem\n  punch_hole 0x10 2\n",
+            &[Errno::EBADF],
+        ),
+        (
+            "task vmm0\n  close_gmem\n  delete_slot 0x0\n  create_slot\n",
+            &[Errno::EBADF],
+        ),
+        (
+            // The guest's accepted page goes with the file; its next access exits to
+            // userspace (KVM_EXIT_MEMORY_FAULT: no file behind the slot).
+            "task vcpu0\n  accept 0x10\n  write 0x10 0x5\n  read 0x10\n\
+             task vmm0\n  close_gmem\n  destroy\n",
+            &[],
+        ),
+    ];
+    for (body, want) in rows {
+        let text = format!("vcpus 1\n{body}");
+        let sc = parse(&text).unwrap();
+        assert_eq!(parse(&print(&sc)).unwrap(), sc, "{body}: round trip");
+        let rep = run_scenario(&sc, &RunConfig::new(Policy::UPSTREAM, TraceMode::Ring(32)));
+        assert_eq!(
+            rep.violation.as_ref().map(|v| v.signature()),
+            None,
+            "{body}"
+        );
+        let errs: Vec<Errno> = rep
+            .run
+            .vmm_errors
+            .borrow()
+            .iter()
+            .filter(|(op, _)| *op != VmmOp::Destroy)
+            .map(|(_, e)| *e)
+            .collect();
+        assert_eq!(errs, *want, "{body}");
+        assert!(rep.run.stack.kvm.st.borrow().gmem.files[&GmemId(0)].closed);
+    }
+}

@@ -229,7 +229,7 @@ impl Kvm {
         };
         if self.st.borrow().gmem.files[&file].closed {
             // No file descriptor is left to fallocate on.
-            return Err(Errno::EINVAL);
+            return Err(Errno::EBADF);
         }
         let end = PgOff(start.0.saturating_add(npages));
         lock.lock(cx).await;

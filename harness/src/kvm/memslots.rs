@@ -141,7 +141,11 @@ impl Kvm {
             return Err(Errno::EEXIST);
         }
         if let Some((file, off)) = gmem {
+            // kvm_gmem_bind: fget() of a closed fd fails.
             let f = st.gmem.files.get(&file).ok_or(Errno::EINVAL)?;
+            if f.closed {
+                return Err(Errno::EBADF);
+            }
             if off.0 + npages > f.npages {
                 return Err(Errno::EINVAL);
             }

@@ -30,16 +30,23 @@ enum RawGuest {
 
 #[derive(Arbitrary, Debug)]
 enum RawVmm {
-    Convert(u8, bool),
+    /// (gfn index, to private, length byte)
+    Convert(u8, bool, u8),
     DeleteSlot,
-    PunchHole(u8),
-    Prefault(u8, u8),
+    PunchHole(u8, u8),
+    Prefault(u8, u8, u8),
     Signal(u8),
     Interrupt(u8),
     ZapAllFast,
     ZeroStep(u8, u8),
     CreateSlot,
     AllocFail(u8),
+    CloseGmem,
+}
+
+/// 1 to 4 pages: ranges that cover a neighbour's page or cross into the next table.
+fn npages(len: u8) -> u64 {
+    1 + u64::from(len % 4)
 }
 
 #[derive(Arbitrary, Debug)]
@@ -110,20 +117,20 @@ fn guest_program(raw: &[RawGuest], v: u8, vcpus: u8) -> Vec<GuestStep> {
 
 fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
     match *r {
-        RawVmm::Convert(g, private) => VmmOp::Convert {
+        RawVmm::Convert(g, private, len) => VmmOp::Convert {
             gfn: gfn(g),
-            npages: 1,
+            npages: npages(len),
             private,
         },
         RawVmm::DeleteSlot => VmmOp::DeleteSlot { gfn: Gfn::new(0) },
-        RawVmm::PunchHole(g) => VmmOp::PunchHole {
+        RawVmm::PunchHole(g, len) => VmmOp::PunchHole {
             gfn: gfn(g),
-            npages: 1,
+            npages: npages(len),
         },
-        RawVmm::Prefault(v, g) => VmmOp::Prefault {
+        RawVmm::Prefault(v, g, len) => VmmOp::Prefault {
             vcpu: v % vcpus,
             gfn: gfn(g),
-            npages: 1,
+            npages: npages(len),
         },
         RawVmm::Signal(v) => VmmOp::Signal { vcpu: v % vcpus },
         RawVmm::Interrupt(v) => VmmOp::Interrupt { vcpu: v % vcpus },
@@ -135,6 +142,7 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
         RawVmm::CreateSlot => VmmOp::CreateSlot,
         // A few failures: enough to hit a topup or a guest_memfd allocation, not the whole run.
         RawVmm::AllocFail(n) => VmmOp::AllocFail { n: 1 + n % 4 },
+        RawVmm::CloseGmem => VmmOp::CloseGmem,
     }
 }
 

@@ -39,6 +39,9 @@ pub enum VmmOp {
     Interrupt { vcpu: u8 },
     /// kvm_mmu_zap_all_fast (MMIO generation wrap / nx_huge_pages toggle).
     ZapAllFast,
+    /// close() of the VMM's only fd of guest_memfd 0 while it is bound and in use: the last
+    /// reference goes, `kvm_gmem_release` unbinds and zaps everything it maps.
+    CloseGmem,
     /// Fault injection: the vCPU has faulted past the zero-step threshold at `gfn`.
     ZeroStep { vcpu: u8, gfn: Gfn },
     /// Fault injection: the next `n` host page allocations fail.

@@ -124,6 +124,7 @@ fn vmm_op(op: &VmmOp) -> String {
         VmmOp::Signal { vcpu } => format!("signal vcpu{vcpu}"),
         VmmOp::Interrupt { vcpu } => format!("interrupt vcpu{vcpu}"),
         VmmOp::ZapAllFast => "zap_all_fast".into(),
+        VmmOp::CloseGmem => "close_gmem".into(),
         VmmOp::ZeroStep { vcpu, gfn } => format!("zero_step vcpu{vcpu} {}", hex(gfn.raw())),
         VmmOp::AllocFail { n } => format!("alloc_fail {n}"),
         VmmOp::InjectSkipConvertZap => "inject_skip_convert_zap".into(),
@@ -299,6 +300,7 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
         "signal" => (VmmOp::Signal { vcpu: l.vcpu(1, vcpus)? }, 2),
         "interrupt" => (VmmOp::Interrupt { vcpu: l.vcpu(1, vcpus)? }, 2),
         "zap_all_fast" => (VmmOp::ZapAllFast, 1),
+        "close_gmem" => (VmmOp::CloseGmem, 1),
         "zero_step" => (VmmOp::ZeroStep { vcpu: l.vcpu(1, vcpus)?, gfn: l.gfn(2)? }, 3),
         "alloc_fail" => (VmmOp::AllocFail { n: l.num(1, "a count", 16)? as u8 }, 2),
         "inject_skip_convert_zap" => (VmmOp::InjectSkipConvertZap, 1),
@@ -309,7 +311,7 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
                 c,
                 format!(
                     "unknown VMM op `{other}` (expected convert, delete_slot, create_slot, punch_hole, prefault, \
-                     signal, interrupt, zap_all_fast, zero_step, alloc_fail, inject_skip_convert_zap, inject_skip_in_guest_mode or destroy)"
+                     signal, interrupt, zap_all_fast, close_gmem, zero_step, alloc_fail, inject_skip_convert_zap, inject_skip_in_guest_mode or destroy)"
                 ),
             ))
         }
