@@ -47,6 +47,9 @@ pub struct Policy {
     /// populated under one lock (`sept_lock`) at finalize, on conversions and memslot changes,
     /// and never faulted; the mirror root is not used (see `kvm::vmx::sept_off_to_side`).
     pub sept_off_to_side: bool,
+    /// `kvm_vm_ioctl` answers -EIO on a dead VM before the memory ioctls
+    /// (KVM_SET_MEMORY_ATTRIBUTES, KVM_SET_USER_MEMORY_REGION2) run.
+    pub vm_ioctls_check_dead: bool,
 }
 
 impl Policy {
@@ -65,6 +68,7 @@ impl Policy {
         reclaim_in_order: true,
         clear_after_reclaim: true,
         sept_off_to_side: false,
+        vm_ioctls_check_dead: true,
     };
 
     /// The kernels from 6.15 (20a6cff3: `kvm_mmu_reload` frees obsolete roots) to 7.2: the
@@ -78,7 +82,7 @@ impl Policy {
 
     /// Every named policy with the invariant it is expected to break (`none` for a correct
     /// alternative measured for cost).
-    pub const ALL: [(Policy, &'static str); 15] = [
+    pub const ALL: [(Policy, &'static str); 16] = [
         (Policy::UPSTREAM, "none"),
         (
             Policy {
@@ -127,6 +131,14 @@ impl Policy {
                 ..Policy::UPSTREAM
             },
             "liveness",
+        ),
+        (
+            Policy {
+                name: "vm_ioctls_ignore_dead",
+                vm_ioctls_check_dead: false,
+                ..Policy::UPSTREAM
+            },
+            "state_machine",
         ),
         (Policy::PREFAULT_RELOAD_ONCE, "liveness"),
         (

@@ -49,6 +49,9 @@ impl RunConfig {
     }
 }
 
+/// What VMM ioctls answered on a dead VM, when it was not -EIO.
+pub type DeadAnswers = Rc<RefCell<Vec<(VmmOp, Result<(), Errno>)>>>;
+
 /// A finished run, for the oracle's checks.
 pub struct Run {
     pub stack: Stack,
@@ -60,6 +63,9 @@ pub struct Run {
     pub thread_ends: Vec<Rc<Cell<Option<ThreadEnd>>>>,
     /// Errors the VMM's ioctls returned, with the op.
     pub vmm_errors: Rc<RefCell<Vec<(VmmOp, Errno)>>>,
+    /// VM and vCPU ioctls issued after the VM was dead (`Kvm::dead_since`) that did not
+    /// answer -EIO, with what they answered.
+    pub dead_vm_answers: DeadAnswers,
     /// Whether the VM was destroyed.
     pub destroyed: Rc<Cell<bool>>,
     schedule: Schedule,
@@ -134,7 +140,8 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp) -> Result<(), Errno> {
             let id = kvm.st.borrow().memslots.lookup(gfn).map(|s| s.id);
             match id {
                 Some(id) => kvm.delete_memslot(cx, id).await,
-                None => Err(Errno::EINVAL),
+                // No slot there: the dead-VM check still comes first.
+                None => kvm.vm_ioctl_gate().and(Err(Errno::EINVAL)),
             }
         }
         VmmOp::CreateSlot => {
@@ -273,6 +280,7 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
         .map(|_| Completion::new(&cx, "vcpu thread exit"))
         .collect();
     let vmm_errors: Rc<RefCell<Vec<(VmmOp, Errno)>>> = Rc::default();
+    let dead_vm_answers: DeadAnswers = Rc::default();
     let destroyed = Rc::new(Cell::new(false));
     let thread_ends: Vec<Rc<Cell<Option<ThreadEnd>>>> =
         (0..sc.vcpus).map(|_| Rc::default()).collect();
@@ -302,13 +310,14 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                 })
             }
             (TaskOps::Vmm(ops), _) => {
-                let (kvm, cx2, ops, errs, ex, d) = (
+                let (kvm, cx2, ops, errs, ex, d, dead_answers) = (
                     stack.kvm.clone(),
                     cx.clone(),
                     ops.clone(),
                     vmm_errors.clone(),
                     exited.clone(),
                     destroyed.clone(),
+                    dead_vm_answers.clone(),
                 );
                 let (mine, all) = (vmm_done[next_vmm], vmm_done.clone());
                 next_vmm += 1;
@@ -319,7 +328,12 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                         {
                             break;
                         }
-                        if let Err(e) = vmm_op(&kvm, &cx2, op).await {
+                        let dead_before = kvm.st.borrow().dead_since.is_some();
+                        let r = vmm_op(&kvm, &cx2, op).await;
+                        if dead_before && op.is_kvm_ioctl() && r != Err(Errno::EIO) {
+                            dead_answers.borrow_mut().push((op, r));
+                        }
+                        if let Err(e) = r {
                             errs.borrow_mut().push((op, e));
                         }
                         if op == VmmOp::Destroy {
@@ -349,6 +363,7 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
         outcome: Outcome::AllDone,
         thread_ends,
         vmm_errors,
+        dead_vm_answers,
         destroyed,
         schedule: sc.schedule.clone(),
         cfg: *cfg,

@@ -212,6 +212,20 @@ fn end_checks(sc: &Scenario, run: &Run, wedged: bool) -> Option<Violation> {
             run,
         ));
     }
+    if let Some((op, r)) = run.dead_vm_answers.borrow().first() {
+        let what = match r {
+            Ok(()) => "success".to_string(),
+            Err(e) => e.to_string(),
+        };
+        let d = format!("the dead VM answered {op:?} with {what}, not -EIO");
+        return Some(violation(
+            ViolationKind::StateMachine,
+            "kvm_vm_ioctl",
+            stable(&d),
+            d,
+            run,
+        ));
+    }
     let bad = crate::ownership::check(
         &kvm.module.state(),
         &run.stack.host.borrow(),

@@ -61,9 +61,7 @@ impl Kvm {
         private: bool,
     ) -> KvmResult<()> {
         // kvm_vm_ioctl: a dead VM answers every VM ioctl with -EIO.
-        if self.is_dead() {
-            return Err(super::Errno::EIO);
-        }
+        self.vm_ioctl_gate()?;
         if start >= end {
             return Err(super::Errno::EINVAL);
         }

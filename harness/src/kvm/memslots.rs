@@ -92,9 +92,7 @@ impl Kvm {
         gmem: Option<(GmemId, PgOff)>,
     ) -> KvmResult<()> {
         // kvm_vm_ioctl: a dead VM answers every VM ioctl with -EIO.
-        if self.is_dead() {
-            return Err(Errno::EIO);
-        }
+        self.vm_ioctl_gate()?;
         self.slots_lock.lock(cx).await;
         // kvm_gmem_bind stores the binding under the file's invalidate lock, so it waits for a
         // punch-hole in progress.
@@ -174,9 +172,7 @@ impl Kvm {
     /// INVALID copy and wait out SRCU readers, zap the range on every root
     /// (`kvm_mmu_zap_memslot`: TDX never fast-zaps), then remove the slot and wait again.
     pub async fn delete_memslot(&self, cx: &Ctx, id: SlotId) -> KvmResult<()> {
-        if self.is_dead() {
-            return Err(Errno::EIO);
-        }
+        self.vm_ioctl_gate()?;
         self.slots_lock.lock(cx).await;
         let range = {
             let mut st = self.st.borrow_mut();

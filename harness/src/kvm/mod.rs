@@ -201,6 +201,9 @@ pub struct KvmState {
     /// `kvm_vm_dead` came from the guest's own access to a page it never accepted (with
     /// SEPT_VE_DISABLE): upstream's chosen answer, not harm to the host.
     pub killed_by_guest: bool,
+    /// The step at which `kvm_vm_dead` had made KVM_REQ_VM_DEAD and every vCPU had left guest
+    /// mode: from then on every VM and vCPU ioctl must answer -EIO.
+    pub dead_since: Option<u64>,
     pub bugs: Vec<BugReport>,
     /// Guest-visible memory events with their steps.
     pub mem_log: Vec<(u64, MemEvent)>,
@@ -262,6 +265,7 @@ impl Kvm {
                 created_vcpus: 0,
                 hypercall_exit_enabled: 0,
                 killed_by_guest: false,
+                dead_since: None,
                 bugged: false,
                 dead: false,
                 bugs: Vec::new(),
@@ -321,6 +325,17 @@ impl Kvm {
     pub async fn vm_dead(&self, cx: &Ctx) {
         self.st.borrow_mut().dead = true;
         self.make_all_cpus_request(cx, Request::VmDead).await;
+        let mut st = self.st.borrow_mut();
+        st.dead_since.get_or_insert(cx.step());
+    }
+
+    /// `kvm_vm_ioctl`'s first check: -EIO on a dead VM (policy `vm_ioctls_ignore_dead` leaves
+    /// it out of the memory ioctls).
+    pub(crate) fn vm_ioctl_gate(&self) -> KvmResult<()> {
+        if self.policy.vm_ioctls_check_dead && self.is_dead() {
+            return Err(Errno::EIO);
+        }
+        Ok(())
     }
 
     /// `kvm->vm_dead` (set by `kvm_vm_dead` and by a KVM_BUG_ON).

@@ -54,6 +54,20 @@ pub enum VmmOp {
     Destroy,
 }
 
+impl VmmOp {
+    /// A VM or vCPU ioctl (gated by `kvm->vm_dead` in `kvm_vm_ioctl` / `kvm_vcpu_ioctl`), as
+    /// opposed to a file op on guest_memfd, a signal, a host event or an injected fault.
+    pub fn is_kvm_ioctl(self) -> bool {
+        matches!(
+            self,
+            VmmOp::Convert { .. }
+                | VmmOp::DeleteSlot { .. }
+                | VmmOp::CreateSlot
+                | VmmOp::Prefault { .. }
+        )
+    }
+}
+
 /// A guest instruction of a vCPU's program.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestStep {
