@@ -21,8 +21,15 @@ pub enum ThreadEnd {
     InternalError(crate::tdx_module::Status),
 }
 
+/// Conversions on KVM_EXIT_MEMORY_FAULT one vCPU thread makes before the VMM gives up on it.
+/// A guest whose vCPUs use one page as private and shared at once makes the VMM convert it
+/// back and forth for ever (QEMU would); that livelock is the guest's, so the model's VMM
+/// stops the vCPU instead (-EFAULT, as for a fault it cannot resolve).
+pub const MAX_FAULT_CONVERSIONS: u32 = 32;
+
 /// A vCPU thread: KVM_RUN in a loop.
 pub async fn vcpu_thread(kvm: &Kvm, cx: &Ctx, v: usize) -> ThreadEnd {
+    let mut conversions = 0;
     loop {
         match kvm.kvm_run(cx, v).await {
             Ok(RunExit::Done) => return ThreadEnd::GuestDone,
@@ -35,9 +42,10 @@ pub async fn vcpu_thread(kvm: &Kvm, cx: &Ctx, v: usize) -> ThreadEnd {
                     let st = kvm.st.borrow();
                     st.memslots.lookup(gfn).is_none() || st.attributes.is_private(gfn) == f.private
                 };
-                if attrs_match {
+                if attrs_match || conversions == MAX_FAULT_CONVERSIONS {
                     return ThreadEnd::Error(Errno::EFAULT);
                 }
+                conversions += 1;
                 if let Err(e) = kvm
                     .set_memory_attributes(cx, gfn, gfn.add(1), f.private)
                     .await

@@ -115,6 +115,33 @@ fn guest_program(raw: &[RawGuest], v: u8, vcpus: u8) -> Vec<GuestStep> {
     out
 }
 
+/// A hostile guest's program: the raw ops as they come. Any vCPU touches any of the gfns, as
+/// private or shared, without converting first (the VMM converts on the fault), accesses pages
+/// it never accepted or another vCPU owns, accepts twice, and converts ranges of one to four
+/// pages either way with MapGPA.
+fn hostile_program(raw: &[RawGuest]) -> Vec<GuestStep> {
+    raw.iter()
+        .take(MAX_TASK_OPS)
+        .map(|r| match *r {
+            RawGuest::Accept(g) => GuestStep::Accept { gfn: gfn(g) },
+            RawGuest::Read(g, shared) => GuestStep::Read {
+                gfn: gfn(g),
+                shared,
+            },
+            RawGuest::Write(g, shared, val) => GuestStep::Write {
+                gfn: gfn(g),
+                shared,
+                value: u64::from(val) + 1,
+            },
+            RawGuest::MapGpa(g, private) => GuestStep::MapGpa {
+                gfn: gfn(g),
+                npages: npages(g >> 3),
+                private,
+            },
+        })
+        .collect()
+}
+
 fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
     match *r {
         RawVmm::Convert(g, private, len) => VmmOp::Convert {
@@ -169,13 +196,14 @@ pub fn decode(data: &[u8]) -> Scenario {
         init: Vec::new(),
         vmm1: Vec::new(),
     });
-    // Mostly one or two vCPUs (the MMU races need two), sometimes up to MAX_VCPUS; the top
-    // bit is the TD's SEPT_VE_DISABLE attribute.
+    // Mostly one or two vCPUs (the MMU races need two), sometimes up to MAX_VCPUS; bit 6
+    // makes the guests polite (hostile by default), bit 7 is the TD's SEPT_VE_DISABLE.
     let vcpus = match raw.vcpus % 8 {
         0..=3 => 1,
         4..=6 => 2,
-        _ => 2 + ((raw.vcpus & 0x7f) / 8) % (MAX_VCPUS - 1),
+        _ => 2 + ((raw.vcpus & 0x3f) / 8) % (MAX_VCPUS - 1),
     };
+    let polite = raw.vcpus & 0x40 != 0;
     let td = TdConfig {
         sept_ve_disable: raw.vcpus & 0x80 != 0,
     };
@@ -183,7 +211,11 @@ pub fn decode(data: &[u8]) -> Scenario {
     for (i, g) in raw.guest.iter().enumerate().take(usize::from(vcpus)) {
         tasks.push(Task {
             name: TaskName::Vcpu(i as u8),
-            ops: TaskOps::Guest(guest_program(g, i as u8, vcpus)),
+            ops: TaskOps::Guest(if polite {
+                guest_program(g, i as u8, vcpus)
+            } else {
+                hostile_program(g)
+            }),
         });
     }
     let mut v = vmm_ops(&raw.vmm, vcpus);
@@ -235,5 +267,52 @@ mod tests {
             let t = print(&s);
             assert_eq!(parse(&t).unwrap(), s, "{t}");
         }
+    }
+
+    /// The gfns each vCPU's program touches.
+    fn touched(s: &Scenario) -> Vec<std::collections::BTreeSet<Gfn>> {
+        s.tasks
+            .iter()
+            .filter_map(|t| match &t.ops {
+                TaskOps::Guest(ops) => Some(
+                    ops.iter()
+                        .map(|o| match *o {
+                            GuestStep::Accept { gfn }
+                            | GuestStep::Read { gfn, .. }
+                            | GuestStep::Write { gfn, .. }
+                            | GuestStep::MapGpa { gfn, .. } => gfn,
+                        })
+                        .collect(),
+                ),
+                TaskOps::Vmm(_) => None,
+            })
+            .collect()
+    }
+
+    /// Bit 6 of the vCPU byte picks the guest: polite guests keep to their own pages, hostile
+    /// ones (the default) share them; the rest of the input is read the same either way.
+    #[test]
+    fn hostile_guests_share_pages_polite_ones_never_do() {
+        let mut rng = crate::sched::choice::SplitMix64::new(11);
+        let mut shared_when_hostile = 0;
+        for _ in 0..2000 {
+            let mut data: Vec<u8> = (0..120).map(|_| rng.next_u64() as u8).collect();
+            data[0] = 100;
+            data[1] = 0x04; // two vCPUs, hostile, no SEPT_VE_DISABLE
+            let hostile = decode(&data);
+            data[1] |= 0x40;
+            let polite = decode(&data);
+            assert_eq!(hostile.vcpus, 2);
+            assert_eq!(polite.vcpus, 2);
+            let overlap = |s: &Scenario| {
+                let t = touched(s);
+                t.len() == 2 && t[0].intersection(&t[1]).next().is_some()
+            };
+            assert!(!overlap(&polite), "{}", print(&polite));
+            if overlap(&hostile) {
+                shared_when_hostile += 1;
+            }
+        }
+        assert!(shared_when_hostile > 100, "{shared_when_hostile}");
     }
 }
