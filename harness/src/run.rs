@@ -144,6 +144,21 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp) -> Result<(), Errno> {
                 None => kvm.vm_ioctl_gate().and(Err(Errno::EINVAL)),
             }
         }
+        VmmOp::CreateSlotAt {
+            slot,
+            gfn,
+            npages,
+            off,
+        } => {
+            kvm.create_memslot(
+                cx,
+                crate::ids::SlotId(u16::from(slot)),
+                gfn,
+                npages,
+                Some((crate::ids::GmemId(0), crate::ids::PgOff(off))),
+            )
+            .await
+        }
         VmmOp::CreateSlot => {
             let file = crate::ids::GmemId(0);
             kvm.create_memslot(

@@ -134,3 +134,53 @@ fn closing_guest_memfd_and_using_it_afterwards() {
         assert!(rep.run.stack.kvm.st.borrow().gmem.files[&GmemId(0)].closed);
     }
 }
+
+/// Several memslots over one guest_memfd (issue 11 item 1), with the errnos of
+/// `__kvm_set_memory_region` and `kvm_gmem_bind`: a range another slot covers is -EEXIST, an id
+/// in use (private memslots cannot be modified) -EINVAL, a file range past the end or already
+/// bound -EINVAL. Rows: (VMM ops after the build, errors the VMM sees).
+#[test]
+fn memslots_split_over_one_guest_memfd() {
+    use harness::kvm::Errno;
+    use harness::run::RunConfig;
+    use harness::scenario::text::{parse, print};
+    use oracle::check::run_scenario;
+    let rows: &[(&str, &[Errno])] = &[
+        ("  create_slot 1 0x200 0x10 0x200\n", &[Errno::EEXIST]),
+        (
+            "  delete_slot 0x0\n  create_slot 1 0x0 0x200 0x0\n  create_slot 2 0x200 0x200 0x200\n",
+            &[],
+        ),
+        (
+            "  delete_slot 0x0\n  create_slot 1 0x0 0x200 0x0\n  create_slot 2 0x200 0x200 0x0\n",
+            &[Errno::EINVAL],
+        ),
+        (
+            "  delete_slot 0x0\n  create_slot 1 0x400 0x400 0x600\n",
+            &[Errno::EINVAL],
+        ),
+        (
+            "  delete_slot 0x0\n  create_slot 1 0x0 0x200 0x0\n  create_slot 1 0x200 0x200 0x200\n",
+            &[Errno::EINVAL],
+        ),
+    ];
+    for (ops, want) in rows {
+        // The guest uses pages in both halves once the VMM is done.
+        let text = format!(
+            "vcpus 1\ntask vcpu0\n  accept 0x10\n  write 0x10 0x3\n  read 0x10\n\
+             task vmm0\n{ops}schedule\n  vmm0 until blocked\n"
+        );
+        let sc = parse(&text).unwrap();
+        assert_eq!(parse(&print(&sc)).unwrap(), sc, "{ops}: round trip");
+        let rep = run_scenario(&sc, &RunConfig::new(Policy::UPSTREAM, TraceMode::Ring(32)));
+        assert_eq!(rep.violation.as_ref().map(|v| v.signature()), None, "{ops}");
+        let errs: Vec<Errno> = rep
+            .run
+            .vmm_errors
+            .borrow()
+            .iter()
+            .map(|(_, e)| *e)
+            .collect();
+        assert_eq!(errs, *want, "{ops}");
+    }
+}

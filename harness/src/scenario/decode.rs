@@ -7,8 +7,8 @@
 use arbitrary::{Arbitrary, Unstructured};
 
 use super::{
-    Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, TdConfig, VmmOp, MAX_TASK_OPS,
-    MAX_VCPUS, MAX_VMM_TASKS,
+    Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, TdConfig, VmmOp, MAX_SLOT_ID,
+    MAX_TASK_OPS, MAX_VCPUS, MAX_VMM_TASKS,
 };
 use crate::addr::Gfn;
 
@@ -32,7 +32,8 @@ enum RawGuest {
 enum RawVmm {
     /// (gfn index, to private, length byte)
     Convert(u8, bool, u8),
-    DeleteSlot,
+    /// The slot covering a gfn.
+    DeleteSlot(u8),
     PunchHole(u8, u8),
     Prefault(u8, u8, u8),
     Signal(u8),
@@ -42,7 +43,12 @@ enum RawVmm {
     CreateSlot,
     AllocFail(u8),
     CloseGmem,
+    /// (slot id, region and offset choice)
+    CreateSlotAt(u8, u8),
 }
+
+/// Regions a VMM splits guest memory into: (first gfn, pages). Each holds some of `GFNS`.
+const REGIONS: [(u64, u64); 3] = [(0, 0x200), (0x200, 0x200), (0x400, 0x400)];
 
 /// 1 to 4 pages: ranges that cover a neighbour's page or cross into the next table.
 fn npages(len: u8) -> u64 {
@@ -149,7 +155,7 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
             npages: npages(len),
             private,
         },
-        RawVmm::DeleteSlot => VmmOp::DeleteSlot { gfn: Gfn::new(0) },
+        RawVmm::DeleteSlot(g) => VmmOp::DeleteSlot { gfn: gfn(g) },
         RawVmm::PunchHole(g, len) => VmmOp::PunchHole {
             gfn: gfn(g),
             npages: npages(len),
@@ -170,6 +176,21 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
         // A few failures: enough to hit a topup or a guest_memfd allocation, not the whole run.
         RawVmm::AllocFail(n) => VmmOp::AllocFail { n: 1 + n % 4 },
         RawVmm::CloseGmem => VmmOp::CloseGmem,
+        RawVmm::CreateSlotAt(s, r) => {
+            let (g, n) = REGIONS[usize::from(r) % REGIONS.len()];
+            // Usually bound where the gfn is; sometimes to another part of the file.
+            let off = if r & 0x10 != 0 {
+                (g + 0x400) % 0x800
+            } else {
+                g
+            };
+            VmmOp::CreateSlotAt {
+                slot: 1 + s % MAX_SLOT_ID,
+                gfn: Gfn::new(g),
+                npages: n,
+                off,
+            }
+        }
     }
 }
 

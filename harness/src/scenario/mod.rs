@@ -14,6 +14,8 @@ pub const MAX_TASK_OPS: usize = 32;
 pub const MAX_VMM_TASKS: u8 = 2;
 /// Guest-physical pages the scenario may touch (the stack's memslot is larger).
 pub const MAX_GFN: u64 = 0x7ff;
+/// Memslot ids scenarios may use.
+pub const MAX_SLOT_ID: u8 = 7;
 
 /// A VMM thread's op (userspace ioctls and platform events).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +31,14 @@ pub enum VmmOp {
     /// Recreates the stack's memslot (slot 0 over all guest memory, bound to guest_memfd 0),
     /// as a VMM does when it remaps a region.
     CreateSlot,
+    /// KVM_SET_USER_MEMORY_REGION2 creating slot `slot` over `[gfn, gfn + npages)`, bound to
+    /// guest_memfd 0 at page offset `off` (the VMM's RAM stays mapped at the gfn's address).
+    CreateSlotAt {
+        slot: u8,
+        gfn: Gfn,
+        npages: u64,
+        off: u64,
+    },
     /// fallocate(PUNCH_HOLE) on guest_memfd over `[gfn, gfn + npages)`.
     PunchHole { gfn: Gfn, npages: u64 },
     /// KVM_PRE_FAULT_MEMORY on a vCPU, retried while it returns -EAGAIN.
@@ -63,6 +73,7 @@ impl VmmOp {
             VmmOp::Convert { .. }
                 | VmmOp::DeleteSlot { .. }
                 | VmmOp::CreateSlot
+                | VmmOp::CreateSlotAt { .. }
                 | VmmOp::Prefault { .. }
         )
     }

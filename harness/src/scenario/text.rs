@@ -22,7 +22,7 @@ use thiserror::Error;
 
 use super::{
     Dir, DirUntil, Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, TdConfig, VmmOp,
-    MAX_GFN, MAX_TASK_OPS, MAX_VCPUS, MAX_VMM_TASKS,
+    MAX_GFN, MAX_SLOT_ID, MAX_TASK_OPS, MAX_VCPUS, MAX_VMM_TASKS,
 };
 use crate::addr::Gfn;
 
@@ -117,6 +117,16 @@ fn vmm_op(op: &VmmOp) -> String {
         }
         VmmOp::DeleteSlot { gfn } => format!("delete_slot {}", hex(gfn.raw())),
         VmmOp::CreateSlot => "create_slot".into(),
+        VmmOp::CreateSlotAt {
+            slot,
+            gfn,
+            npages,
+            off,
+        } => format!(
+            "create_slot {slot} {} {npages} {}",
+            hex(gfn.raw()),
+            hex(off)
+        ),
         VmmOp::PunchHole { gfn, npages } => format!("punch_hole {} {npages}", hex(gfn.raw())),
         VmmOp::Prefault { vcpu, gfn, npages } => {
             format!("prefault vcpu{vcpu} {} {npages}", hex(gfn.raw()))
@@ -287,7 +297,29 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
             (VmmOp::Convert { gfn, npages: l.npages(2, gfn)?, private: l.kind(3)? }, 4)
         }
         "delete_slot" => (VmmOp::DeleteSlot { gfn: l.gfn(1)? }, 2),
-        "create_slot" => (VmmOp::CreateSlot, 1),
+        "create_slot" if l.toks.len() == 1 => (VmmOp::CreateSlot, 1),
+        "create_slot" => {
+            let slot = l.num(1, "a slot id", u64::from(MAX_SLOT_ID))? as u8;
+            let gfn = l.gfn(2)?;
+            let npages = l.num(3, "a page count", MAX_GFN + 1)?;
+            if npages == 0 || gfn.raw() + npages > MAX_GFN + 1 {
+                let (c, _) = l.tok(3, "a page count")?;
+                return Err(l.err(
+                    c,
+                    "the page count must be at least 1 and stay below the gfn limit",
+                ));
+            }
+            let off = l.num(4, "a guest_memfd page offset", MAX_GFN)?;
+            (
+                VmmOp::CreateSlotAt {
+                    slot,
+                    gfn,
+                    npages,
+                    off,
+                },
+                5,
+            )
+        }
         "punch_hole" => {
             let gfn = l.gfn(1)?;
             (VmmOp::PunchHole { gfn, npages: l.npages(2, gfn)? }, 3)
