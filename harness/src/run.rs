@@ -177,8 +177,17 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp) -> Result<(), Errno> {
             kvm.kvm_gmem_punch_hole(cx, file, crate::ids::PgOff(gfn.raw()), npages)
                 .await
         }
-        VmmOp::Prefault { vcpu, gfn, npages } => loop {
-            let gpa = gfn.gpa();
+        VmmOp::Prefault {
+            vcpu,
+            gfn,
+            npages,
+            shared,
+        } => loop {
+            let gpa = if shared {
+                gfn.gpa().to_shared()
+            } else {
+                gfn.gpa()
+            };
             match kvm
                 .kvm_vcpu_pre_fault_memory(cx, usize::from(vcpu), gpa, npages << 12)
                 .await

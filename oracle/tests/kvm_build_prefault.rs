@@ -880,3 +880,32 @@ fn a_dead_vm_answers_kvm_run_at_once_and_bugs_once() {
     assert_eq!(r.err(), Some(Errno::EIO));
     assert_eq!(fatal_bugs(&s.kvm), ["test: first"]);
 }
+
+/// The scenario op reaches the alias refusal: `prefault ... shared` passes the shared-bit GPA,
+/// which KVM_PRE_FAULT_MEMORY refuses for a TD with -EINVAL (`kvm_is_gfn_alias`).
+#[test]
+fn prefault_op_of_the_shared_alias_is_einval() {
+    use harness::run::RunConfig;
+    use harness::scenario::text::{parse, print};
+    for (shared, want) in [(false, vec![]), (true, vec![Errno::EINVAL])] {
+        let text = format!(
+            "vcpus 1\ntask vmm0\n  prefault vcpu0 0x40 2{}\n",
+            if shared { " shared" } else { "" }
+        );
+        let sc = parse(&text).unwrap();
+        assert_eq!(print(&sc), text);
+        let rep = oracle::check::run_scenario(
+            &sc,
+            &RunConfig::new(Policy::UPSTREAM, TraceMode::Ring(32)),
+        );
+        assert!(rep.violation.is_none(), "{text}");
+        let errs: Vec<Errno> = rep
+            .run
+            .vmm_errors
+            .borrow()
+            .iter()
+            .map(|(_, e)| *e)
+            .collect();
+        assert_eq!(errs, want, "{text}");
+    }
+}

@@ -164,6 +164,8 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
             vcpu: v % vcpus,
             gfn: gfn(g),
             npages: npages(len),
+            // Now and then the shared alias (-EINVAL for a TD).
+            shared: len & 0x70 == 0x70,
         },
         RawVmm::Signal(v) => VmmOp::Signal { vcpu: v % vcpus },
         RawVmm::Interrupt(v) => VmmOp::Interrupt { vcpu: v % vcpus },

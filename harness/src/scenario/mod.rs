@@ -41,8 +41,14 @@ pub enum VmmOp {
     },
     /// fallocate(PUNCH_HOLE) on guest_memfd over `[gfn, gfn + npages)`.
     PunchHole { gfn: Gfn, npages: u64 },
-    /// KVM_PRE_FAULT_MEMORY on a vCPU, retried while it returns -EAGAIN.
-    Prefault { vcpu: u8, gfn: Gfn, npages: u64 },
+    /// KVM_PRE_FAULT_MEMORY on a vCPU, retried while it returns -EAGAIN; `shared` passes the
+    /// shared alias of the range (a TD's aliases are refused with -EINVAL).
+    Prefault {
+        vcpu: u8,
+        gfn: Gfn,
+        npages: u64,
+        shared: bool,
+    },
     /// A signal to a vCPU thread (KVM_RUN returns -EINTR).
     Signal { vcpu: u8 },
     /// An interrupt for a vCPU (`kvm_vcpu_has_events`).

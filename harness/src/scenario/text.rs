@@ -128,9 +128,16 @@ fn vmm_op(op: &VmmOp) -> String {
             hex(off)
         ),
         VmmOp::PunchHole { gfn, npages } => format!("punch_hole {} {npages}", hex(gfn.raw())),
-        VmmOp::Prefault { vcpu, gfn, npages } => {
-            format!("prefault vcpu{vcpu} {} {npages}", hex(gfn.raw()))
-        }
+        VmmOp::Prefault {
+            vcpu,
+            gfn,
+            npages,
+            shared,
+        } => format!(
+            "prefault vcpu{vcpu} {} {npages}{}",
+            hex(gfn.raw()),
+            if shared { " shared" } else { "" }
+        ),
         VmmOp::Signal { vcpu } => format!("signal vcpu{vcpu}"),
         VmmOp::Interrupt { vcpu } => format!("interrupt vcpu{vcpu}"),
         VmmOp::ZapAllFast => "zap_all_fast".into(),
@@ -327,7 +334,17 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
         "prefault" => {
             let vcpu = l.vcpu(1, vcpus)?;
             let gfn = l.gfn(2)?;
-            (VmmOp::Prefault { vcpu, gfn, npages: l.npages(3, gfn)? }, 4)
+            let npages = l.npages(3, gfn)?;
+            let (shared, n) = shared_flag(l, 4)?;
+            (
+                VmmOp::Prefault {
+                    vcpu,
+                    gfn,
+                    npages,
+                    shared,
+                },
+                n,
+            )
         }
         "signal" => (VmmOp::Signal { vcpu: l.vcpu(1, vcpus)? }, 2),
         "interrupt" => (VmmOp::Interrupt { vcpu: l.vcpu(1, vcpus)? }, 2),
