@@ -1,7 +1,7 @@
 //! The VMM in userspace: what a vCPU thread does with KVM_RUN's exits (QEMU-like): convert
 //! the range of a KVM_EXIT_MEMORY_FAULT or of a MapGPA hypercall chunk (answering the
-//! hypercall), retry -EINTR, stop at the end of the guest program or on an error it cannot
-//! handle.
+//! hypercall), retry -EINTR, run a vCPU again a couple of times after any other error, stop at
+//! the end of the guest program or when errors persist.
 
 use crate::kvm::x86::RunExit;
 use crate::kvm::{Errno, Kvm};
@@ -27,9 +27,14 @@ pub enum ThreadEnd {
 /// stops the vCPU instead (-EFAULT, as for a fault it cannot resolve).
 pub const MAX_FAULT_CONVERSIONS: u32 = 32;
 
+/// Further KVM_RUNs a vCPU thread issues after KVM_RUN failed, before it stops: a careless VMM
+/// runs a vCPU again after an error, and KVM must answer consistently (a dead VM -EIO again).
+pub const MAX_RUN_AFTER_ERROR: u32 = 2;
+
 /// A vCPU thread: KVM_RUN in a loop.
 pub async fn vcpu_thread(kvm: &Kvm, cx: &Ctx, v: usize) -> ThreadEnd {
     let mut conversions = 0;
+    let mut run_after_error = 0;
     loop {
         match kvm.kvm_run(cx, v).await {
             Ok(RunExit::Done) => return ThreadEnd::GuestDone,
@@ -68,7 +73,8 @@ pub async fn vcpu_thread(kvm: &Kvm, cx: &Ctx, v: usize) -> ThreadEnd {
                 kvm.set_hypercall_ret(v, ret);
             }
             Err(Errno::EINTR) => {}
-            Err(e) => return ThreadEnd::Error(e),
+            Err(e) if run_after_error == MAX_RUN_AFTER_ERROR => return ThreadEnd::Error(e),
+            Err(_) => run_after_error += 1,
         }
     }
 }

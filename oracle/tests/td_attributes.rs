@@ -76,3 +76,26 @@ fn sept_ve_disable_turns_an_unaccepted_access_into_a_dead_vm() {
         assert_eq!(ve, r.ve, "{}", r.name);
     }
 }
+
+/// The VMM runs a vCPU again after KVM_RUN fails (twice, `vmm::MAX_RUN_AFTER_ERROR`): on the
+/// dead VM each KVM_RUN answers -EIO again, and the thread then stops with it.
+#[test]
+fn kvm_run_after_the_death_keeps_answering_eio() {
+    let sc = parse("vcpus 1\nattributes sept_ve_disable\ntask vcpu0\n  read 0x12\n").unwrap();
+    let rep = run_scenario(&sc, &RunConfig::new(Policy::UPSTREAM, TraceMode::Full));
+    assert!(rep.violation.is_none());
+    let trace = rep.run.stack.ex.render_trace();
+    let eio = trace
+        .lines()
+        .filter(|l| l.contains("KVM_RUN error") && l.contains("0x5"))
+        .count();
+    assert_eq!(
+        eio,
+        1 + harness::vmm::MAX_RUN_AFTER_ERROR as usize,
+        "{trace}"
+    );
+    assert_eq!(
+        rep.run.thread_ends[0].get(),
+        Some(ThreadEnd::Error(Errno::EIO))
+    );
+}

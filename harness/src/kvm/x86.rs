@@ -41,14 +41,19 @@ impl Kvm {
     /// KVM_RUN through `kvm_vcpu_ioctl`: under `vcpu->mutex` (so no other ioctl of this vCPU,
     /// e.g. KVM_PRE_FAULT_MEMORY, runs meanwhile), `kvm_arch_vcpu_ioctl_run`.
     pub async fn kvm_run(&self, cx: &Ctx, v: usize) -> KvmResult<RunExit> {
-        // kvm_vcpu_ioctl: a dead VM answers -EIO before vcpu->mutex is taken.
-        if self.is_dead() {
-            return Err(Errno::EIO);
+        let r = if self.is_dead() {
+            // kvm_vcpu_ioctl: a dead VM answers -EIO before vcpu->mutex is taken.
+            Err(Errno::EIO)
+        } else {
+            let mutex = self.st.borrow().vcpus[v].mutex;
+            mutex.lock(cx).await;
+            let r = self.kvm_arch_vcpu_ioctl_run(cx, v).await;
+            mutex.unlock(cx).await;
+            r
+        };
+        if let Err(e) = r {
+            cx.note("KVM_RUN error", e.raw(), v as u64);
         }
-        let mutex = self.st.borrow().vcpus[v].mutex;
-        mutex.lock(cx).await;
-        let r = self.kvm_arch_vcpu_ioctl_run(cx, v).await;
-        mutex.unlock(cx).await;
         r
     }
 
