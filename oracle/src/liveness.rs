@@ -3,7 +3,7 @@
 
 use harness::addr::Gfn;
 use harness::kvm::Kvm;
-use harness::sched::{Ctx, Executor, Outcome, PointDisplay, WaitOn};
+use harness::sched::{Ctx, Executor, Outcome, Point, PointDisplay, TaskId, WaitOn};
 use harness::tdx_module::SeptState;
 
 use crate::{Violation, ViolationKind};
@@ -221,11 +221,18 @@ pub fn check_outcome_tolerating(
                 .collect();
             // The signature names the loops that burn steps; tasks asleep behind them are
             // consequences (in the detail, not the key), unless nothing spins at all.
+            // A vCPU wedged by zero-step mitigation keeps entering the TD; one that spins
+            // inside KVM without entering is not excused, whatever the module logged for it.
+            let enters = |t: TaskId| {
+                tail.iter()
+                    .any(|e| e.task == t && e.point == Point::Yield("TDH.VP.ENTER"))
+            };
+            let excused = |t: TaskId| tolerated(&names[t.0 as usize]) && enters(t);
             let mut key_points: Vec<String> = rep
                 .pending
                 .iter()
                 .zip(&points)
-                .filter(|((t, _, w), _)| w.is_none() && !tolerated(&names[t.0 as usize]))
+                .filter(|((t, _, w), _)| w.is_none() && !excused(*t))
                 .map(|(_, p)| p.clone())
                 .collect();
             if key_points.is_empty() {

@@ -85,3 +85,17 @@ schedule
     assert!(v.detail.contains("vcpu0 last at loop in vcpu_run"), "{v}");
     assert_eq!(v.signature(), alone.signature());
 }
+
+/// A vCPU that spins inside KVM (the EPT-violation loop) is not excused as wedged just because
+/// the module still has a zero-step log for it: a wedged vCPU keeps entering the TD. The hang
+/// keeps the EPT-loop finding's signature, with the memslot update and the destroy stuck
+/// behind it in the detail only (found by a 30-minute campaign).
+#[test]
+fn a_vcpu_spinning_in_kvm_is_not_excused_by_its_zero_step_log() {
+    let text =
+        include_str!("../../corpus/regressions/upstream--ept-loop-beside-a-zero-step-log.tdx");
+    let alone = run(FAST_ZAP_VS_EPT_LOOP).violation.unwrap();
+    let v = run(text).violation.expect("the EPT-loop hang");
+    assert_eq!(v.signature(), alone.signature(), "{v}");
+    assert!(v.detail.contains("synchronize_srcu"), "{v}");
+}
