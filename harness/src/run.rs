@@ -395,6 +395,11 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
 }
 
 impl Run {
+    /// The errnos the VMM's ioctls returned, in order.
+    pub fn vmm_errnos(&self) -> Vec<Errno> {
+        self.vmm_errors.borrow().iter().map(|(_, e)| *e).collect()
+    }
+
     /// Runs the ops phase under the scenario's schedule, then (if work is pending) the liveness
     /// phase under round robin.
     pub fn execute(&mut self, observer: &mut dyn FnMut(&StepInfo) -> bool) {

@@ -899,13 +899,7 @@ fn prefault_op_of_the_shared_alias_is_einval() {
             &RunConfig::new(Policy::UPSTREAM, TraceMode::Ring(32)),
         );
         assert!(rep.violation.is_none(), "{text}");
-        let errs: Vec<Errno> = rep
-            .run
-            .vmm_errors
-            .borrow()
-            .iter()
-            .map(|(_, e)| *e)
-            .collect();
+        let errs = rep.run.vmm_errnos();
         assert_eq!(errs, want, "{text}");
     }
 }

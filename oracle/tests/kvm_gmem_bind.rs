@@ -91,7 +91,6 @@ fn closing_guest_memfd_and_using_it_afterwards() {
     use harness::kvm::Errno;
     use harness::run::RunConfig;
     use harness::scenario::text::{parse, print};
-    use harness::scenario::VmmOp;
     use oracle::check::run_scenario;
     let rows: &[(&str, &[Errno])] = &[
         ("task vmm0\n  close_gmem\n", &[]),
@@ -122,14 +121,7 @@ fn closing_guest_memfd_and_using_it_afterwards() {
             None,
             "{body}"
         );
-        let errs: Vec<Errno> = rep
-            .run
-            .vmm_errors
-            .borrow()
-            .iter()
-            .filter(|(op, _)| *op != VmmOp::Destroy)
-            .map(|(_, e)| *e)
-            .collect();
+        let errs = rep.run.vmm_errnos();
         assert_eq!(errs, *want, "{body}");
         assert!(rep.run.stack.kvm.st.borrow().gmem.files[&GmemId(0)].closed);
     }
@@ -174,13 +166,7 @@ fn memslots_split_over_one_guest_memfd() {
         assert_eq!(parse(&print(&sc)).unwrap(), sc, "{ops}: round trip");
         let rep = run_scenario(&sc, &RunConfig::new(Policy::UPSTREAM, TraceMode::Ring(32)));
         assert_eq!(rep.violation.as_ref().map(|v| v.signature()), None, "{ops}");
-        let errs: Vec<Errno> = rep
-            .run
-            .vmm_errors
-            .borrow()
-            .iter()
-            .map(|(_, e)| *e)
-            .collect();
+        let errs = rep.run.vmm_errnos();
         assert_eq!(errs, *want, "{ops}");
     }
 }

@@ -319,6 +319,8 @@ impl Kvm {
         r
     }
 
+    /// The body of `kvm_tdp_mmu_alloc_root` under the lock: reuse a valid root of the kind
+    /// (`kvm_tdp_mmu_get_root`) or add a new one to `tdp_mmu_roots`.
     fn tdp_mmu_find_or_alloc_root(&self, cx: &Ctx, v: usize, mirror: bool) -> KvmResult<SpId> {
         {
             let mut st = self.st.borrow_mut();

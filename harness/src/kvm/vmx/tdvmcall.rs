@@ -54,10 +54,12 @@ pub struct VcpuMapGpa {
     pub ret: u64,
 }
 
+/// `vt_is_tdx_private_gpa` on a raw register value.
 fn is_private(gpa: u64) -> bool {
-    gpa & SHARED_BIT_GPAW48 == 0
+    !Gpa::new(gpa).is_shared()
 }
 
+/// `kvm_vcpu_is_legal_gpa`.
 fn legal(gpa: u64) -> bool {
     gpa >> GUEST_MAXPHYADDR == 0
 }
