@@ -3,7 +3,7 @@
 
 use harness::addr::Gfn;
 use harness::kvm::Kvm;
-use harness::sched::{Ctx, Executor, Outcome, Point, PointDisplay, TaskId, WaitOn};
+use harness::sched::{Ctx, Executor, Outcome, PointDisplay, WaitOn};
 use harness::tdx_module::SeptState;
 
 use crate::{Violation, ViolationKind};
@@ -94,8 +94,18 @@ fn loop_name(tail: &[harness::sched::TraceEvent], t: harness::sched::TaskId) -> 
 /// KVM finds the page mapped (RET_PF_SPURIOUS) and enters again. Only the guest's ACCEPT can
 /// end it, and the guest cannot run: a guest that touched a page it never accepted (or whose
 /// accepted page the host removed) wedged its own vCPU. Returns the GPA's frame.
+///
+/// A vCPU that spins in `tdx_handle_ept_violation`'s local retry loop is not wedged, whatever
+/// the module logged for it: it does not enter the TD (that hang is KVM's).
 pub fn wedged_by_zero_step(kvm: &Kvm, v: usize) -> Option<Gfn> {
-    let tdvpr = kvm.st.borrow().vcpus.get(v)?.tdvpr?;
+    let tdvpr = {
+        let st = kvm.st.borrow();
+        let vc = st.vcpus.get(v)?;
+        if vc.ept_retrying {
+            return None;
+        }
+        vc.tdvpr?
+    };
     match kvm.module.state().epf_expected(tdvpr) {
         Some((gfn, SeptState::Pending)) => Some(gfn),
         _ => None,
@@ -221,18 +231,11 @@ pub fn check_outcome_tolerating(
                 .collect();
             // The signature names the loops that burn steps; tasks asleep behind them are
             // consequences (in the detail, not the key), unless nothing spins at all.
-            // A vCPU wedged by zero-step mitigation keeps entering the TD; one that spins
-            // inside KVM without entering is not excused, whatever the module logged for it.
-            let enters = |t: TaskId| {
-                tail.iter()
-                    .any(|e| e.task == t && e.point == Point::Yield("TDH.VP.ENTER"))
-            };
-            let excused = |t: TaskId| tolerated(&names[t.0 as usize]) && enters(t);
             let mut key_points: Vec<String> = rep
                 .pending
                 .iter()
                 .zip(&points)
-                .filter(|((t, _, w), _)| w.is_none() && !excused(*t))
+                .filter(|((t, _, w), _)| w.is_none() && !tolerated(&names[t.0 as usize]))
                 .map(|(_, p)| p.clone())
                 .collect();
             if key_points.is_empty() {

@@ -170,6 +170,9 @@ pub struct Vcpu {
     pub signal_pending: bool,
     /// An interrupt or event is pending (`kvm_vcpu_has_events`).
     pub pending_event: bool,
+    /// Inside `tdx_handle_ept_violation`'s local retry loop, past its first RET_PF_RETRY (for
+    /// the oracle: such a vCPU is not re-entering the TD).
+    pub ept_retrying: bool,
     /// The SRCU read section KVM_RUN holds outside guest mode.
     pub srcu: Option<SrcuIdx>,
     /// An in-flight TDG.VP.VMCALL<MapGPA> and its userspace exit.
@@ -411,6 +414,7 @@ impl Kvm {
             mmu_caches: Default::default(),
             signal_pending: false,
             pending_event: false,
+            ept_retrying: false,
             srcu: None,
             map_gpa: Default::default(),
             guest,

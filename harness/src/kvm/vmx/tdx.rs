@@ -736,6 +736,7 @@ impl Kvm {
             .ept_violation_retry_loop(cx, v, gpa, private, local_retry)
             .await;
         cx.spin_end();
+        self.st.borrow_mut().vcpus[v].ept_retrying = false;
         r
     }
 
@@ -780,6 +781,7 @@ impl Kvm {
             if invalid && self.policy.ept_loop_checks_invalid_slot {
                 return Ok(1);
             }
+            self.st.borrow_mut().vcpus[v].ept_retrying = true;
             let point = Point::Yield("tdx_handle_ept_violation:cond_resched");
             if invalid {
                 // Retrying can only succeed once the memslot update (under slots_lock) is done.
