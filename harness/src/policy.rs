@@ -50,6 +50,10 @@ pub struct Policy {
     /// `kvm_vm_ioctl` answers -EIO on a dead VM before the memory ioctls
     /// (KVM_SET_MEMORY_ATTRIBUTES, KVM_SET_USER_MEMORY_REGION2) run.
     pub vm_ioctls_check_dead: bool,
+    /// The map path (SEPT.ADD, AUG) retries TDX_OPERAND_BUSY on any operand
+    /// (`tdx_operand_busy()`); false compares with BUSY|SEPT_TREE only, as the patches did
+    /// before the merge (`err == TDX_ERROR_SEPT_BUSY`), and bugs the VM on the rest.
+    pub busy_any_operand: bool,
 }
 
 impl Policy {
@@ -69,6 +73,7 @@ impl Policy {
         clear_after_reclaim: true,
         sept_off_to_side: false,
         vm_ioctls_check_dead: true,
+        busy_any_operand: true,
     };
 
     /// The kernels from 6.15 (20a6cff3: `kvm_mmu_reload` frees obsolete roots) to 7.2: the
@@ -82,7 +87,7 @@ impl Policy {
 
     /// Every named policy with the invariant it is expected to break (`none` for a correct
     /// alternative measured for cost).
-    pub const ALL: [(Policy, &'static str); 16] = [
+    pub const ALL: [(Policy, &'static str); 17] = [
         (Policy::UPSTREAM, "none"),
         (
             Policy {
@@ -139,6 +144,14 @@ impl Policy {
                 ..Policy::UPSTREAM
             },
             "state_machine",
+        ),
+        (
+            Policy {
+                name: "busy_sept_tree_only",
+                busy_any_operand: false,
+                ..Policy::UPSTREAM
+            },
+            "must_not_fail",
         ),
         (Policy::PREFAULT_RELOAD_ONCE, "liveness"),
         (

@@ -254,8 +254,16 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp) -> Result<(), Errno> {
                 .inject_alloc_failures(u32::from(n));
             Ok(())
         }
+        VmmOp::InjectBusy { leaf, operand } => {
+            kvm.module.inject(|i| i.busy.arm(leaf, operand));
+            Ok(())
+        }
         VmmOp::InjectSkipConvertZap => {
             kvm.st.borrow_mut().injected.skip_convert_zap = true;
+            Ok(())
+        }
+        VmmOp::InjectTruncateWithoutFree => {
+            kvm.st.borrow_mut().injected.truncate_without_free = true;
             Ok(())
         }
         VmmOp::InjectSkipInGuestMode => {

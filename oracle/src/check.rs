@@ -240,6 +240,20 @@ fn end_checks(sc: &Scenario, run: &Run, wedged: bool) -> Option<Violation> {
             run,
         ));
     }
+    // A live VM at rest: every page held by something live (after teardown, the accounting
+    // above already wants every page free or deliberately leaked).
+    if quiescent && !run.destroyed.get() {
+        let bad = crate::ownership::unreachable(kvm, &run.stack.host.borrow());
+        if let Some(b) = bad.first() {
+            return Some(violation(
+                ViolationKind::PageOwnership,
+                "host page ledger",
+                stable(b),
+                b.clone(),
+                run,
+            ));
+        }
+    }
     let bad = crate::guest_memory::check(kvm, &sc.init_pages);
     if let Some(b) = bad.first() {
         return Some(violation(

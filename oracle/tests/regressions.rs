@@ -102,7 +102,7 @@ fn identical_input_gives_identical_traces() {
 /// it: without the injection ops the same scenario is clean.
 #[test]
 fn injected_bugs_are_what_the_oracle_sees() {
-    use harness::scenario::{TaskOps, VmmOp};
+    use harness::scenario::TaskOps;
     let mut seen = 0;
     for f in files() {
         let name = f.file_name().unwrap().to_string_lossy().into_owned();
@@ -114,12 +114,7 @@ fn injected_bugs_are_what_the_oracle_sees() {
         assert!(before.is_some(), "{name} must fire with its injection");
         for t in &mut sc.tasks {
             if let TaskOps::Vmm(ops) = &mut t.ops {
-                ops.retain(|op| {
-                    !matches!(
-                        op,
-                        VmmOp::InjectSkipConvertZap | VmmOp::InjectSkipInGuestMode
-                    )
-                });
+                ops.retain(|op| !op.is_injected_kernel_bug());
             }
         }
         assert_eq!(
@@ -130,7 +125,7 @@ fn injected_bugs_are_what_the_oracle_sees() {
         seen += 1;
     }
     assert!(
-        seen >= 2,
-        "the guest_memory and state_machine evidence files"
+        seen >= 3,
+        "the guest_memory, state_machine and page_ownership evidence files"
     );
 }

@@ -140,6 +140,9 @@ pub struct KvmInjected {
     pub skip_convert_zap: bool,
     /// vcpu_enter_guest enters without publishing IN_GUEST_MODE, so kicks miss the vCPU.
     pub skip_in_guest_mode: bool,
+    /// Truncating a guest_memfd range drops its pages from the page cache without freeing
+    /// them (a lost `folio_put`).
+    pub truncate_without_free: bool,
 }
 
 /// One vCPU (`struct kvm_vcpu` + `struct vcpu_tdx`).

@@ -45,6 +45,8 @@ enum RawVmm {
     CloseGmem,
     /// (slot id, region and offset choice)
     CreateSlotAt(u8, u8),
+    /// (leaf choice, operand choice)
+    InjectBusy(u8, u8),
 }
 
 /// Regions a VMM splits guest memory into: (first gfn, pages). Each holds some of `GFNS`.
@@ -177,6 +179,15 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
         RawVmm::CreateSlot => VmmOp::CreateSlot,
         // A few failures: enough to hit a topup or a guest_memfd allocation, not the whole run.
         RawVmm::AllocFail(n) => VmmOp::AllocFail { n: 1 + n % 4 },
+        RawVmm::InjectBusy(l, o) => {
+            use crate::tdx_module::{busy_operands, BUSY_INJECTABLE};
+            let leaf = BUSY_INJECTABLE[usize::from(l) % BUSY_INJECTABLE.len()];
+            let ops = busy_operands(leaf);
+            VmmOp::InjectBusy {
+                leaf,
+                operand: ops[usize::from(o) % ops.len()],
+            }
+        }
         RawVmm::CloseGmem => VmmOp::CloseGmem,
         RawVmm::CreateSlotAt(s, r) => {
             let (g, n) = REGIONS[usize::from(r) % REGIONS.len()];

@@ -60,17 +60,36 @@ pub enum VmmOp {
     CloseGmem,
     /// Fault injection: the vCPU has faulted past the zero-step threshold at `gfn`.
     ZeroStep { vcpu: u8, gfn: Gfn },
+    /// Fault injection: the next call of `leaf` returns TDX_OPERAND_BUSY on `operand` (one of
+    /// `tdx_module::BUSY_INJECTABLE`, with an operand it locks).
+    InjectBusy {
+        leaf: crate::tdx_module::Leaf,
+        operand: crate::tdx_module::Operand,
+    },
     /// Fault injection: the next `n` host page allocations fail.
     AllocFail { n: u8 },
     /// Fault injection (a kernel bug): KVM_SET_MEMORY_ATTRIBUTES stops zapping old mappings.
     InjectSkipConvertZap,
     /// Fault injection (a kernel bug): vCPUs enter the guest without IN_GUEST_MODE.
     InjectSkipInGuestMode,
+    /// Fault injection (a kernel bug): truncating guest_memfd pages leaks them.
+    InjectTruncateWithoutFree,
     /// Stop the vCPUs and destroy the VM (waits for every vCPU thread first).
     Destroy,
 }
 
 impl VmmOp {
+    /// An op that injects a kernel bug (not a platform event or a module answer): evidence
+    /// scenarios use these to show an oracle check firing.
+    pub fn is_injected_kernel_bug(self) -> bool {
+        matches!(
+            self,
+            VmmOp::InjectSkipConvertZap
+                | VmmOp::InjectSkipInGuestMode
+                | VmmOp::InjectTruncateWithoutFree
+        )
+    }
+
     /// A VM or vCPU ioctl (gated by `kvm->vm_dead` in `kvm_vm_ioctl` / `kvm_vcpu_ioctl`), as
     /// opposed to a file op on guest_memfd, a signal, a host event or an injected fault.
     pub fn is_kvm_ioctl(self) -> bool {

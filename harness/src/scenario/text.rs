@@ -144,8 +144,10 @@ fn vmm_op(op: &VmmOp) -> String {
         VmmOp::CloseGmem => "close_gmem".into(),
         VmmOp::ZeroStep { vcpu, gfn } => format!("zero_step vcpu{vcpu} {}", hex(gfn.raw())),
         VmmOp::AllocFail { n } => format!("alloc_fail {n}"),
+        VmmOp::InjectBusy { leaf, operand } => format!("inject_busy {leaf} {}", operand.name()),
         VmmOp::InjectSkipConvertZap => "inject_skip_convert_zap".into(),
         VmmOp::InjectSkipInGuestMode => "inject_skip_in_guest_mode".into(),
+        VmmOp::InjectTruncateWithoutFree => "inject_truncate_without_free".into(),
         VmmOp::Destroy => "destroy".into(),
     }
 }
@@ -352,21 +354,60 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
         "close_gmem" => (VmmOp::CloseGmem, 1),
         "zero_step" => (VmmOp::ZeroStep { vcpu: l.vcpu(1, vcpus)?, gfn: l.gfn(2)? }, 3),
         "alloc_fail" => (VmmOp::AllocFail { n: l.num(1, "a count", 16)? as u8 }, 2),
+        "inject_busy" => {
+            let (c, name) = l.tok(1, "a SEAMCALL leaf")?;
+            let leaf = crate::tdx_module::Leaf::from_name(name)
+                .filter(|leaf| crate::tdx_module::BUSY_INJECTABLE.contains(leaf))
+                .ok_or_else(|| {
+                    l.err(
+                        c,
+                        format!(
+                            "`{name}` is not a leaf BUSY can be injected into (expected one of {})",
+                            names(crate::tdx_module::BUSY_INJECTABLE.iter())
+                        ),
+                    )
+                })?;
+            let allowed = crate::tdx_module::busy_operands(leaf);
+            let (c, name) = l.tok(2, "an operand")?;
+            let operand = crate::tdx_module::Operand::from_name(name)
+                .filter(|o| allowed.contains(o))
+                .ok_or_else(|| {
+                    l.err(
+                        c,
+                        format!(
+                            "{leaf} does not lock `{name}` (expected one of {})",
+                            names(allowed.iter().map(|o| o.name()))
+                        ),
+                    )
+                })?;
+            (VmmOp::InjectBusy { leaf, operand }, 3)
+        }
         "inject_skip_convert_zap" => (VmmOp::InjectSkipConvertZap, 1),
         "inject_skip_in_guest_mode" => (VmmOp::InjectSkipInGuestMode, 1),
+        "inject_truncate_without_free" => (VmmOp::InjectTruncateWithoutFree, 1),
         "destroy" => (VmmOp::Destroy, 1),
         other => {
             return Err(l.err(
                 c,
                 format!(
                     "unknown VMM op `{other}` (expected convert, delete_slot, create_slot, punch_hole, prefault, \
-                     signal, interrupt, zap_all_fast, close_gmem, zero_step, alloc_fail, inject_skip_convert_zap, inject_skip_in_guest_mode or destroy)"
+                     signal, interrupt, zap_all_fast, close_gmem, zero_step, alloc_fail, inject_busy, inject_skip_convert_zap, inject_skip_in_guest_mode, \
+                     inject_truncate_without_free or destroy)"
                 ),
             ))
         }
     };
     l.done(n)?;
     Ok(op)
+}
+
+/// `a, b or c`.
+fn names<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
+    let v: Vec<String> = items.map(|i| i.to_string()).collect();
+    match v.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => v.join(""),
+    }
 }
 
 fn shared_flag(l: &Line<'_>, i: usize) -> Result<(bool, usize), ParseError> {

@@ -144,6 +144,13 @@ impl Leaf {
     }
 }
 
+impl Leaf {
+    /// The leaf with this ABI name.
+    pub fn from_name(s: &str) -> Option<Leaf> {
+        Leaf::ALL.into_iter().find(|l| l.name() == s)
+    }
+}
+
 impl fmt::Display for Leaf {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())

@@ -13,6 +13,7 @@
 //! TDCALLs and EPT-violation handling.
 
 pub mod drive;
+pub mod inject;
 pub mod leaves;
 pub mod locks;
 mod mem;
@@ -33,6 +34,7 @@ use crate::host::{CacheKey, HostRef, TdxHold, TdxPageKind};
 use crate::ids::{Hkid, TdId};
 use crate::sched::{Ctx, Point};
 
+pub use inject::{busy_operands, BusyInjection, BUSY_INJECTABLE};
 pub use leaves::Leaf;
 pub use locks::{LockKey, Locks, Mode};
 pub use pamt::{PageType, Pamt, PamtEntry};
@@ -100,6 +102,8 @@ pub struct Injected {
     pub rnd_no_entropy: u32,
     /// A host interrupt is pending during CACHE.WB: it stops after one sub-block.
     pub cache_wb_interrupts: u32,
+    /// TDX_OPERAND_BUSY at a leaf's next call.
+    pub busy: BusyInjection,
 }
 
 /// Key-ownership-table state of an HKID.
@@ -269,9 +273,44 @@ impl TdxModule {
         }
     }
 
+    /// Runs one call of `leaf` (`call`) unless an armed TDX_OPERAND_BUSY (`inject.rs`) answers
+    /// it instead, noted in the trace; records whether the call ended BUSY, so that a retry
+    /// after BUSY is never injected into.
+    async fn injectable<T>(
+        &self,
+        cx: &Ctx,
+        leaf: Leaf,
+        call: impl std::future::Future<Output = SeamResult<T>>,
+    ) -> SeamResult<T> {
+        let task = cx.current();
+        let injected = self.st.borrow_mut().injected.busy.take(task, leaf);
+        let r = match injected {
+            Some(e) => {
+                cx.yield_now(Point::Yield(leaf.name())).await;
+                cx.note("injected", e.status.raw(), u64::from(leaf.number()));
+                Err(e)
+            }
+            None => call.await,
+        };
+        let busy = matches!(&r, Err(e) if e.status.is_operand_busy());
+        self.st.borrow_mut().injected.busy.ended(task, leaf, busy);
+        r
+    }
+
     /// The common shape of a SEAMCALL: entry yield, checks and locks (`checks`), a yield with
     /// the locks held, then `commit` and release of everything still held.
     async fn seamcall<P, T>(
+        &self,
+        cx: &Ctx,
+        leaf: Leaf,
+        checks: impl FnOnce(&mut ModuleState, &mut Guard) -> SeamResult<P>,
+        commit: impl FnOnce(&mut ModuleState, &mut crate::host::Host, P, u64) -> SeamResult<T>,
+    ) -> SeamResult<T> {
+        self.injectable(cx, leaf, self.seamcall_inner(cx, leaf, checks, commit))
+            .await
+    }
+
+    async fn seamcall_inner<P, T>(
         &self,
         cx: &Ctx,
         leaf: Leaf,

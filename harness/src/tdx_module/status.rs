@@ -179,7 +179,8 @@ impl Operand {
         }
     }
 
-    const fn name(self) -> &'static str {
+    /// The module's name for a named operand (empty for a detail value).
+    pub const fn name(self) -> &'static str {
         match self {
             Operand::Rax => "RAX",
             Operand::Rcx => "RCX",
@@ -197,6 +198,31 @@ impl Operand {
             Operand::Wbcache => "WBCACHE",
             Operand::Detail(_) => "",
         }
+    }
+}
+
+impl Operand {
+    /// Named operands (every one but a detail value).
+    pub const NAMED: [Operand; 14] = [
+        Operand::Rax,
+        Operand::Rcx,
+        Operand::Rdx,
+        Operand::R8,
+        Operand::R9,
+        Operand::Tdr,
+        Operand::Tdcx,
+        Operand::Tdvpr,
+        Operand::Tdcs,
+        Operand::SeptTree,
+        Operand::TdEpoch,
+        Operand::OpState,
+        Operand::Kot,
+        Operand::Wbcache,
+    ];
+
+    /// The named operand called `s`.
+    pub fn from_name(s: &str) -> Option<Operand> {
+        Operand::NAMED.into_iter().find(|o| o.name() == s)
     }
 }
 

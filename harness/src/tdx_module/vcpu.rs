@@ -291,6 +291,11 @@ impl TdxModule {
         tdvpr: Pfn,
         rip: u64,
     ) -> SeamResult<EnterOutcome> {
+        let call = self.vp_enter(cx, lp, tdvpr, rip);
+        self.injectable(cx, Leaf::VpEnter, call).await
+    }
+
+    async fn vp_enter(&self, cx: &Ctx, lp: Lp, tdvpr: Pfn, rip: u64) -> SeamResult<EnterOutcome> {
         let leaf = Leaf::VpEnter;
         cx.yield_now(Point::Yield(leaf.name())).await;
         let mut g = Guard::new(leaf, cx.current());

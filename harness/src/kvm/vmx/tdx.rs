@@ -5,7 +5,9 @@ use crate::addr::{Gfn, Gpa, Pfn, PgLevel};
 use crate::host::{AllocFor, CacheKey, KernelUse, LeakReason};
 use crate::ids::Hkid;
 use crate::sched::{Ctx, Point, WaitOn};
-use crate::tdx_module::{Code, EnterOutcome, GuestExit, Lp, SeamErr, SeamResult, TdParams};
+use crate::tdx_module::{
+    Code, EnterOutcome, GuestExit, Lp, Operand, SeamErr, SeamResult, Status, TdParams,
+};
 
 use crate::kvm::mmu::fault::RetPf;
 use crate::kvm::{Errno, Kvm, KvmResult, Request, SpId, Spte, TdState};
@@ -112,6 +114,17 @@ impl Kvm {
         }
     }
 
+    /// Whether the map path (SEPT.ADD, AUG, PAGE.ADD) takes `status` for contention to retry:
+    /// upstream's `tdx_operand_busy()` masks the operand; policy `busy_sept_tree_only` is the
+    /// pre-merge `err == TDX_ERROR_SEPT_BUSY` (BUSY on the tree lock only).
+    fn map_busy(&self, status: Status) -> bool {
+        if self.policy.busy_any_operand {
+            status.is_operand_busy()
+        } else {
+            status == Status::with(Code::OperandBusy, Operand::SeptTree)
+        }
+    }
+
     /// `tdx_sept_map_nonleaf_spte`: TDH.MEM.SEPT.ADD of the child's S-EPT page.
     async fn tdx_sept_map_nonleaf_spte(
         &self,
@@ -152,7 +165,7 @@ impl Kvm {
             .await
         {
             Ok(()) => Ok(()),
-            Err(e) if e.status.is_operand_busy() => Err(Errno::EBUSY),
+            Err(e) if self.map_busy(e.status) => Err(Errno::EBUSY),
             Err(e) => {
                 self.bug(
                     cx,
@@ -207,7 +220,7 @@ impl Kvm {
         };
         match r {
             Ok(()) => Ok(()),
-            Err(e) if e.status.is_operand_busy() => Err(Errno::EBUSY),
+            Err(e) if self.map_busy(e.status) => Err(Errno::EBUSY),
             Err(e) => {
                 self.bug(cx, "tdx_sept_map_leaf_spte", format!("{leaf}: {e}"))
                     .await;
