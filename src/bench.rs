@@ -188,7 +188,7 @@ fn sept_workload(policy: harness::policy::Policy) -> SeptCost {
     );
     marks.push(run(&mut s));
     let kvm = &s.kvm;
-    violations.extend(oracle::guest_memory::check(kvm, &[]));
+    violations.extend(oracle::guest_memory::check(kvm));
     violations.extend(
         kvm.st
             .borrow()

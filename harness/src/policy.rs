@@ -54,6 +54,10 @@ pub struct Policy {
     /// (`tdx_operand_busy()`); false compares with BUSY|SEPT_TREE only, as the patches did
     /// before the merge (`err == TDX_ERROR_SEPT_BUSY`), and bugs the VM on the rest.
     pub busy_any_operand: bool,
+    /// KVM_TDX_FINALIZE_VM runs TDH.MR.FINALIZE and the switch to RUNNABLE under mmu_lock
+    /// for write, as `tdx_td_vcpu_init` does TDH.VP.INIT (both take the TDR exclusively);
+    /// upstream (false) holds only the VM-state locks, so a zap under mmu_lock can interleave.
+    pub finalize_holds_mmu_lock: bool,
 }
 
 impl Policy {
@@ -74,6 +78,7 @@ impl Policy {
         sept_off_to_side: false,
         vm_ioctls_check_dead: true,
         busy_any_operand: true,
+        finalize_holds_mmu_lock: false,
     };
 
     /// The kernels from 6.15 (20a6cff3: `kvm_mmu_reload` frees obsolete roots) to 7.2: the
@@ -87,7 +92,7 @@ impl Policy {
 
     /// Every named policy with the invariant it is expected to break (`none` for a correct
     /// alternative measured for cost).
-    pub const ALL: [(Policy, &'static str); 17] = [
+    pub const ALL: [(Policy, &'static str); 18] = [
         (Policy::UPSTREAM, "none"),
         (
             Policy {
@@ -152,6 +157,14 @@ impl Policy {
                 ..Policy::UPSTREAM
             },
             "must_not_fail",
+        ),
+        (
+            Policy {
+                name: "finalize_under_mmu_lock",
+                finalize_holds_mmu_lock: true,
+                ..Policy::UPSTREAM
+            },
+            "none",
         ),
         (Policy::PREFAULT_RELOAD_ONCE, "liveness"),
         (

@@ -9,7 +9,9 @@ use std::rc::Rc;
 use crate::guest::{GuestOp, GuestProgram};
 use crate::kvm::{Errno, GuestMode, Kvm};
 use crate::policy::Policy;
-use crate::scenario::{DirUntil, GuestStep, Scenario, Schedule, TaskName, TaskOps, VmmOp};
+use crate::scenario::{
+    DirUntil, GuestStep, Scenario, Schedule, TaskName, TaskOps, TdConfig, VmmOp,
+};
 use crate::sched::{
     Completion, Ctx, Directive, InputChooser, Outcome, RoundRobin, Script, StepInfo, TaskId,
     TraceMode, Until,
@@ -49,6 +51,14 @@ impl RunConfig {
     }
 }
 
+/// A VMM op that failed, with KVM's TD state when it was issued (the errno table's context).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmmError {
+    pub op: VmmOp,
+    pub errno: Errno,
+    pub td_state: crate::kvm::TdState,
+}
+
 /// What VMM ioctls answered on a dead VM, when it was not -EIO.
 pub type DeadAnswers = Rc<RefCell<Vec<(VmmOp, Result<(), Errno>)>>>;
 
@@ -62,7 +72,7 @@ pub struct Run {
     /// How each vCPU thread ended (None: still running or never started).
     pub thread_ends: Vec<Rc<Cell<Option<ThreadEnd>>>>,
     /// Errors the VMM's ioctls returned, with the op.
-    pub vmm_errors: Rc<RefCell<Vec<(VmmOp, Errno)>>>,
+    pub vmm_errors: Rc<RefCell<Vec<VmmError>>>,
     /// VM and vCPU ioctls issued after the VM was dead (`Kvm::dead_since`) that did not
     /// answer -EIO, with what they answered.
     pub dead_vm_answers: DeadAnswers,
@@ -125,7 +135,15 @@ fn kick(kvm: &Kvm, v: usize, signal: bool) {
     }
 }
 
-async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp) -> Result<(), Errno> {
+/// One VMM op. `td` is the scenario's TD configuration (KVM_TDX_INIT_VM's arguments);
+/// `machine_ready` lets the vCPU threads run (`build ops`).
+async fn vmm_op(
+    kvm: &Kvm,
+    cx: &Ctx,
+    op: VmmOp,
+    td: TdConfig,
+    machine_ready: Completion,
+) -> Result<(), Errno> {
     cx.yield_at("vmm op").await;
     match op {
         VmmOp::Convert {
@@ -176,6 +194,42 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp) -> Result<(), Errno> {
             let file = crate::ids::GmemId(0);
             kvm.kvm_gmem_punch_hole(cx, file, crate::ids::PgOff(gfn.raw()), npages)
                 .await
+        }
+        VmmOp::Prefault { vcpu, .. }
+        | VmmOp::InitVcpu { vcpu }
+        | VmmOp::InitMemRegion { vcpu, .. }
+            if kvm.st.borrow().vcpus.len() <= usize::from(vcpu) =>
+        {
+            // No vCPU fd to issue the ioctl on (KVM_CREATE_VCPU never returned one).
+            Err(Errno::EBADF)
+        }
+        VmmOp::InitVm => {
+            let (max_vcpus, attributes) = {
+                let st = kvm.st.borrow();
+                (st.max_vcpus, td.attributes())
+            };
+            kvm.tdx_td_init_attrs(cx, crate::ids::Hkid(32), max_vcpus, attributes)
+                .await
+        }
+        VmmOp::CreateVcpu => {
+            // The thread of vCPU n runs on logical processor n (the module has four).
+            let lp = crate::tdx_module::Lp((kvm.st.borrow().created_vcpus % 4) as u8);
+            kvm.kvm_vm_ioctl_create_vcpu(cx, lp, GuestProgram::default())
+                .await
+                .map(|_| ())
+        }
+        VmmOp::InitVcpu { vcpu } => kvm.tdx_td_vcpu_init(cx, usize::from(vcpu)).await,
+        VmmOp::InitMemRegion { vcpu, gfn, value } => {
+            kvm.tdx_vcpu_init_mem_region(cx, usize::from(vcpu), gfn.gpa(), value, 1, true)
+                .await
+        }
+        VmmOp::Finalize => {
+            let r = kvm.tdx_td_finalize(cx).await;
+            if r.is_ok() {
+                // QEMU starts running its vCPUs once the machine is ready.
+                machine_ready.complete_all(cx).await;
+            }
+            r
         }
         VmmOp::Prefault {
             vcpu,
@@ -278,18 +332,41 @@ async fn vmm_op(kvm: &Kvm, cx: &Ctx, op: VmmOp) -> Result<(), Errno> {
     }
 }
 
+/// A VMM thread's end of issuing ioctls: its own completion, and the count of VMM threads
+/// still going; the last one lets the vCPU threads of a `build ops` scenario go (each then
+/// finds out whether its vCPU exists). Counted once per thread.
+#[derive(Clone)]
+struct VmmEnd {
+    mine: Completion,
+    counted: Rc<Cell<bool>>,
+    left: Rc<Cell<usize>>,
+    machine_ready: Completion,
+}
+
+impl VmmEnd {
+    async fn done(&self, cx: &Ctx) {
+        self.mine.complete_all(cx).await;
+        if !self.counted.replace(true) {
+            self.left.set(self.left.get() - 1);
+            if self.left.get() == 0 {
+                self.machine_ready.complete_all(cx).await;
+            }
+        }
+    }
+}
+
 /// Before VmmOp::Destroy: the VM goes with the last reference to it (`kvm_put_kvm`). This
-/// thread closes its fd (`mine`: it issues nothing more), the VMM stops every vCPU thread
+/// thread closes its fd (`end`: it issues nothing more), the VMM stops every vCPU thread
 /// (`exited`), every other VMM thread finishes its ioctls (`vmm_done`: one in flight holds the
 /// fd); a second close finds the VM gone (false).
 async fn destroy_when_last(
     cx: &Ctx,
-    mine: Completion,
+    end: &VmmEnd,
     vmm_done: &[Completion],
     exited: &[Completion],
     destroyed: &Cell<bool>,
 ) -> bool {
-    mine.complete_all(cx).await;
+    end.done(cx).await;
     for c in vmm_done.iter().chain(exited) {
         c.wait(cx).await;
     }
@@ -306,12 +383,21 @@ fn leak_point(p: &str) -> &'static str {
 /// run. The caller makes its observer from `run.stack`'s handles, then calls `Run::execute`.
 pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
     let mut stack = Stack::new(cfg.policy, cfg.host_pages, cfg.trace);
-    stack.build_configured(sc.vcpus, &sc.init_pages, sc.td.attributes());
+    let max_vcpus = sc.td.max_vcpus.unwrap_or(crate::scenario::MAX_VCPUS);
+    if sc.td.build_ops {
+        stack.prepare_for_build_ops(max_vcpus);
+    } else {
+        stack.kvm.st.borrow_mut().max_vcpus = u32::from(max_vcpus);
+        stack.build_configured(sc.vcpus, &sc.init_pages, sc.td.attributes());
+    }
     let cx = stack.cx.clone();
+    // `build ops`: the vCPU threads wait until KVM_TDX_FINALIZE_VM succeeded or every VMM
+    // thread is done.
+    let machine_ready = Completion::new(&cx, "machine ready");
     let exited: Vec<Completion> = (0..sc.vcpus)
         .map(|_| Completion::new(&cx, "vcpu thread exit"))
         .collect();
-    let vmm_errors: Rc<RefCell<Vec<(VmmOp, Errno)>>> = Rc::default();
+    let vmm_errors: Rc<RefCell<Vec<VmmError>>> = Rc::default();
     let dead_vm_answers: DeadAnswers = Rc::default();
     let destroyed = Rc::new(Cell::new(false));
     let thread_ends: Vec<Rc<Cell<Option<ThreadEnd>>>> =
@@ -323,13 +409,18 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
         .filter(|t| matches!(t.ops, TaskOps::Vmm(_)))
         .map(|_| Completion::new(&cx, "vmm thread done"))
         .collect();
+    let vmm_left = Rc::new(Cell::new(vmm_done.len()));
     let mut next_vmm = 0;
     let mut tasks = Vec::new();
     for t in &sc.tasks {
         let id = match (&t.ops, t.name) {
             (TaskOps::Guest(ops), TaskName::Vcpu(v)) => {
                 let v = usize::from(v);
-                stack.kvm.set_guest_program(v, guest_program(ops));
+                let program = guest_program(ops);
+                let build_ops = sc.td.build_ops;
+                if !build_ops {
+                    stack.kvm.set_guest_program(v, program.clone());
+                }
                 let (kvm, cx2, end, done) = (
                     stack.kvm.clone(),
                     cx.clone(),
@@ -337,6 +428,15 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                     exited[v],
                 );
                 stack.ex.spawn(t.name.label(), async move {
+                    if build_ops {
+                        machine_ready.wait(&cx2).await;
+                        if kvm.st.borrow().vcpus.len() <= v {
+                            end.set(Some(ThreadEnd::NoVcpu));
+                            done.complete_all(&cx2).await;
+                            return;
+                        }
+                        kvm.set_guest_program(v, program);
+                    }
                     end.set(Some(vcpu_thread(&kvm, &cx2, v).await));
                     done.complete_all(&cx2).await;
                 })
@@ -351,28 +451,44 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                     destroyed.clone(),
                     dead_vm_answers.clone(),
                 );
-                let (mine, all) = (vmm_done[next_vmm], vmm_done.clone());
+                let vmm_end = VmmEnd {
+                    mine: vmm_done[next_vmm],
+                    counted: Rc::default(),
+                    left: vmm_left.clone(),
+                    machine_ready,
+                };
+                let all = vmm_done.clone();
+                let td = sc.td;
                 next_vmm += 1;
                 stack.ex.spawn(t.name.label(), async move {
                     for op in ops {
                         if op == VmmOp::Destroy
-                            && !destroy_when_last(&cx2, mine, &all, &ex, &d).await
+                            && !destroy_when_last(&cx2, &vmm_end, &all, &ex, &d).await
                         {
                             break;
                         }
-                        let dead_before = kvm.st.borrow().dead_since.is_some();
-                        let r = vmm_op(&kvm, &cx2, op).await;
-                        if dead_before && op.is_kvm_ioctl() && r != Err(Errno::EIO) {
+                        let (dead_before, td_state) = {
+                            let st = kvm.st.borrow();
+                            (st.dead_since.is_some(), st.tdx.state)
+                        };
+                        let r = vmm_op(&kvm, &cx2, op, td, machine_ready).await;
+                        // -EBADF: no vCPU fd to issue it on, so no ioctl reached KVM.
+                        let ioctl = op.is_kvm_ioctl() && r != Err(Errno::EBADF);
+                        if dead_before && ioctl && r != Err(Errno::EIO) {
                             dead_answers.borrow_mut().push((op, r));
                         }
                         if let Err(e) = r {
-                            errs.borrow_mut().push((op, e));
+                            errs.borrow_mut().push(VmmError {
+                                op,
+                                errno: e,
+                                td_state,
+                            });
                         }
                         if op == VmmOp::Destroy {
                             break;
                         }
                     }
-                    mine.complete_all(&cx2).await;
+                    vmm_end.done(&cx2).await;
                 })
             }
             _ => unreachable!("the parser pairs guest ops with vCPU tasks"),
@@ -405,7 +521,7 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
 impl Run {
     /// The errnos the VMM's ioctls returned, in order.
     pub fn vmm_errnos(&self) -> Vec<Errno> {
-        self.vmm_errors.borrow().iter().map(|(_, e)| *e).collect()
+        self.vmm_errors.borrow().iter().map(|e| e.errno).collect()
     }
 
     /// Runs the ops phase under the scenario's schedule, then (if work is pending) the liveness

@@ -76,7 +76,8 @@ impl Stack {
             // QEMU enables MapGPA exits for a TD (KVM_CAP_EXIT_HYPERCALL).
             kvm.enable_cap_exit_hypercall(1 << crate::kvm::vmx::tdvmcall::KVM_HC_MAP_GPA_RANGE)
                 .expect("KVM_CAP_EXIT_HYPERCALL");
-            kvm.tdx_td_init_attrs(&cx, Hkid(32), 4, attributes)
+            let max_vcpus = kvm.st.borrow().max_vcpus;
+            kvm.tdx_td_init_attrs(&cx, Hkid(32), max_vcpus, attributes)
                 .await
                 .expect("KVM_TDX_INIT_VM");
             for i in 0..nvcpus {
@@ -107,6 +108,17 @@ impl Stack {
             }
             kvm.tdx_td_finalize(&cx).await.expect("KVM_TDX_FINALIZE_VM");
         });
+    }
+
+    /// What the VMM does before the TD build when the build is the scenario's (`build ops`):
+    /// KVM_CAP_MAX_VCPUS, KVM_CAP_EXIT_HYPERCALL for MapGPA, and KVM_CREATE_GUEST_MEMFD of
+    /// guest_memfd 0 (GUEST_PAGES pages; the memslot is an op).
+    pub fn prepare_for_build_ops(&mut self, max_vcpus: u8) {
+        let kvm = &self.kvm;
+        kvm.st.borrow_mut().max_vcpus = u32::from(max_vcpus);
+        kvm.enable_cap_exit_hypercall(1 << crate::kvm::vmx::tdvmcall::KVM_HC_MAP_GPA_RANGE)
+            .expect("KVM_CAP_EXIT_HYPERCALL before any vCPU");
+        kvm.create_guest_memfd(GUEST_PAGES);
     }
 
     /// Spawns vCPU `v`'s userspace thread running `program`; its end is written to `out`.

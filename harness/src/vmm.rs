@@ -19,6 +19,8 @@ pub enum ThreadEnd {
     Error(Errno),
     /// KVM_RUN reported KVM_EXIT_INTERNAL_ERROR (with TDH.VP.ENTER's status); QEMU stops.
     InternalError(crate::tdx_module::Status),
+    /// `build ops`: the VMM never created this vCPU, so its thread never ran.
+    NoVcpu,
 }
 
 /// Conversions on KVM_EXIT_MEMORY_FAULT one vCPU thread makes before the VMM gives up on it.

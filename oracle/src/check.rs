@@ -144,7 +144,7 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
         Outcome::AllDone => None,
         _ => crate::liveness::wedged_only(&run.stack.cx, &run.stack.kvm),
     };
-    let v = end_checks(sc, &run, wedged.is_some());
+    let v = end_checks(&run, wedged.is_some());
     Report {
         violation: v,
         wedged,
@@ -152,7 +152,7 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
     }
 }
 
-fn end_checks(sc: &Scenario, run: &Run, wedged: bool) -> Option<Violation> {
+fn end_checks(run: &Run, wedged: bool) -> Option<Violation> {
     let kvm = &run.stack.kvm;
     // A desync is the cause when a run also hangs (e.g. retrying on a table that is not there),
     // so it is checked first; frozen SPTEs count only when nothing is in flight.
@@ -254,7 +254,7 @@ fn end_checks(sc: &Scenario, run: &Run, wedged: bool) -> Option<Violation> {
             ));
         }
     }
-    let bad = crate::guest_memory::check(kvm, &sc.init_pages);
+    let bad = crate::guest_memory::check(kvm);
     if let Some(b) = bad.first() {
         return Some(violation(
             ViolationKind::GuestMemory,

@@ -1,7 +1,7 @@
 //! `guest_memory`: what the guest observes must match a simple reference model of the TDX
 //! memory ABI, replayed in step order:
 //! - a private page is readable only once accepted (TDG.MEM.PAGE.ACCEPT zeroes it) or added at
-//!   build time with its content; before that an access gives #VE;
+//!   build time with its content (KVM_TDX_INIT_MEM_REGION, logged as it happens); before that an access gives #VE;
 //! - it then reads what the guest last wrote;
 //! - a conversion to shared (by MapGPA or the VMM), a punched hole or a deleted memslot
 //!   discards it: the next private access needs a new ACCEPT and reads zero;
@@ -29,7 +29,7 @@ enum Ev {
 }
 
 /// Replays every observation against the reference model; returns the mismatches.
-pub fn check(kvm: &Kvm, init_pages: &[(Gfn, u64)]) -> Vec<String> {
+pub fn check(kvm: &Kvm) -> Vec<String> {
     let st = kvm.st.borrow();
     let mut evs: Vec<(u64, usize, Ev)> = Vec::new();
     for (i, (step, e)) in st.mem_log.iter().enumerate() {
@@ -42,16 +42,6 @@ pub fn check(kvm: &Kvm, init_pages: &[(Gfn, u64)]) -> Vec<String> {
     }
     evs.sort_by_key(|(s, i, _)| (*s, *i));
     let mut pages: BTreeMap<Gfn, PageModel> = BTreeMap::new();
-    for (g, v) in init_pages {
-        pages.insert(
-            *g,
-            PageModel {
-                accepted: true,
-                content: *v,
-                shared: 0,
-            },
-        );
-    }
     let mut bad = Vec::new();
     let discard = |pages: &mut BTreeMap<Gfn, PageModel>, start: Gfn, end: Gfn| {
         for p in pages.range_mut(start..end).map(|(_, p)| p) {
@@ -72,6 +62,11 @@ pub fn check(kvm: &Kvm, init_pages: &[(Gfn, u64)]) -> Vec<String> {
             }
             Ev::Mem(MemEvent::PunchedHole { start, end }) => discard(&mut pages, start, end),
             Ev::Mem(MemEvent::SlotDeleted { start, end }) => discard(&mut pages, start, end),
+            Ev::Mem(MemEvent::Added { gfn, content }) => {
+                let p = pages.entry(gfn).or_default();
+                p.accepted = true;
+                p.content = content;
+            }
             Ev::Obs(v, o) => {
                 let who = format!("vcpu{v} at step {step}");
                 match o {

@@ -104,7 +104,7 @@ fn all_clean(s: &Stack) {
     assert!(bugs(&s.kvm).is_empty(), "{:?}", bugs(&s.kvm));
     let d = oracle::sept_sync::check(&s.kvm, true);
     assert!(d.is_empty(), "{d:?}");
-    let g = oracle::guest_memory::check(&s.kvm, &[]);
+    let g = oracle::guest_memory::check(&s.kvm);
     assert!(g.is_empty(), "{g:?}");
     assert!(s.host.borrow().refused.is_empty());
 }

@@ -131,6 +131,9 @@ pub enum MemEvent {
     PunchedHole { start: Gfn, end: Gfn },
     /// The memslot over `[start, end)` is gone.
     SlotDeleted { start: Gfn, end: Gfn },
+    /// KVM_TDX_INIT_MEM_REGION added `gfn` with `content` (TDH.MEM.PAGE.ADD): the guest
+    /// finds it accepted.
+    Added { gfn: Gfn, content: u64 },
 }
 
 /// Faults the scenario can inject into KVM (each models a kernel bug, for oracle tests).
@@ -199,6 +202,8 @@ pub struct KvmState {
     /// `kvm->created_vcpus` (under kvm->lock): counts vCPUs from the start of KVM_CREATE_VCPU,
     /// before they are online in `vcpus`.
     pub created_vcpus: u32,
+    /// `kvm->max_vcpus` (KVM_CAP_MAX_VCPUS before KVM_TDX_INIT_VM; TD_PARAMS.MAX_VCPUS).
+    pub max_vcpus: u32,
     /// `kvm->arch.hypercall_exit_enabled` (KVM_CAP_EXIT_HYPERCALL): bit n lets hypercall n
     /// exit to userspace.
     pub hypercall_exit_enabled: u64,
@@ -269,6 +274,7 @@ impl Kvm {
                 },
                 vcpus: Vec::new(),
                 created_vcpus: 0,
+                max_vcpus: u32::from(crate::scenario::MAX_VCPUS),
                 hypercall_exit_enabled: 0,
                 killed_by_guest: false,
                 dead_since: None,
@@ -350,8 +356,15 @@ impl Kvm {
     }
 
     /// KVM_CREATE_VCPU (`kvm_vm_ioctl_create_vcpu` + `tdx_vcpu_create`) with no preemption
-    /// point: refused unless the TD is INITIALIZED (-EIO). Its thread runs on `lp`.
+    /// point: -EINVAL at `kvm->max_vcpus`, refused unless the TD is INITIALIZED (-EIO). Its
+    /// thread runs on `lp`.
     pub fn create_vcpu(&self, lp: Lp, guest: GuestProgram) -> KvmResult<usize> {
+        {
+            let st = self.st.borrow();
+            if st.created_vcpus >= st.max_vcpus {
+                return Err(Errno::EINVAL);
+            }
+        }
         self.st.borrow_mut().created_vcpus += 1;
         if let Err(e) = self.tdx_vcpu_create() {
             self.st.borrow_mut().created_vcpus -= 1;
@@ -360,7 +373,8 @@ impl Kvm {
         Ok(self.vcpu_online(lp, guest))
     }
 
-    /// KVM_CREATE_VCPU (`kvm_vm_ioctl_create_vcpu`) with the kernel's preemption points:
+    /// KVM_CREATE_VCPU (`kvm_vm_ioctl_create_vcpu`) with the kernel's preemption points: -EIO
+    /// on a dead VM (`kvm_vm_ioctl`), -EINVAL at `kvm->max_vcpus`, else
     /// `kvm->created_vcpus++` under kvm->lock, then `kvm_arch_vcpu_create` (-> `tdx_vcpu_create`,
     /// -EIO unless the TD is INITIALIZED) outside it, then online under kvm->lock again; a
     /// failure drops the count under kvm->lock. KVM_TDX_INIT_VM in the window sees the count
@@ -371,9 +385,22 @@ impl Kvm {
         lp: Lp,
         guest: GuestProgram,
     ) -> KvmResult<usize> {
+        if self.is_dead() {
+            return Err(Errno::EIO);
+        }
         self.lock.lock(cx).await;
-        self.st.borrow_mut().created_vcpus += 1;
+        let full = {
+            let mut st = self.st.borrow_mut();
+            let full = st.created_vcpus >= st.max_vcpus;
+            if !full {
+                st.created_vcpus += 1;
+            }
+            full
+        };
         self.lock.unlock(cx).await;
+        if full {
+            return Err(Errno::EINVAL);
+        }
         cx.yield_at("kvm_arch_vcpu_create").await;
         if let Err(e) = self.tdx_vcpu_create() {
             self.lock.lock(cx).await;

@@ -67,6 +67,69 @@ struct Raw {
     init: Vec<(u8, u8)>,
     /// A second VMM thread racing the first.
     vmm1: Vec<RawVmm>,
+    /// The TD build as ops (`build ops`) instead of before the run.
+    build: Option<RawBuild>,
+}
+
+/// How the VMM builds the TD when the build is part of the run.
+#[derive(Arbitrary, Debug)]
+struct RawBuild {
+    /// Low 2 bits: in order on vmm0; the vCPU steps on vmm1, racing the VM-wide ones; one step
+    /// moved to the end (the wrong time); one step issued twice.
+    mode: u8,
+    /// Which step the last two modes move or repeat.
+    pick: u8,
+    /// KVM_CAP_MAX_VCPUS: bit 2 set leaves the default; else 1 + the low 2 bits.
+    max_vcpus: u8,
+}
+
+/// The upstream VMM's build order (QEMU): INIT_VM, each vCPU created and initialised, the
+/// memslot and its private attributes, INIT_MEM_REGION of each build-time page, FINALIZE.
+/// Returns the VM-wide steps and the vCPU steps.
+fn build_steps(vcpus: u8, init: &[(Gfn, u64)]) -> (Vec<VmmOp>, Vec<VmmOp>) {
+    let mut vm = vec![VmmOp::InitVm];
+    let mut cpu = Vec::new();
+    for v in 0..vcpus {
+        cpu.push(VmmOp::CreateVcpu);
+        cpu.push(VmmOp::InitVcpu { vcpu: v });
+    }
+    vm.push(VmmOp::CreateSlot);
+    vm.push(VmmOp::Convert {
+        gfn: Gfn::new(0),
+        npages: crate::stack::GUEST_PAGES,
+        private: true,
+    });
+    for &(gfn, value) in init {
+        vm.push(VmmOp::InitMemRegion {
+            vcpu: 0,
+            gfn,
+            value,
+        });
+    }
+    vm.push(VmmOp::Finalize);
+    (vm, cpu)
+}
+
+/// The two VMM threads' build prefixes for `b`.
+fn build_plan(b: &RawBuild, vcpus: u8, init: &[(Gfn, u64)]) -> (Vec<VmmOp>, Vec<VmmOp>) {
+    let (vm, cpu) = build_steps(vcpus, init);
+    if b.mode % 4 == 1 {
+        return (vm, cpu);
+    }
+    // In order: INIT_VM, the vCPUs, then the rest.
+    let mut all = vec![vm[0]];
+    all.extend(cpu);
+    all.extend(&vm[1..]);
+    let i = usize::from(b.pick) % all.len();
+    match b.mode % 4 {
+        2 => {
+            let op = all.remove(i);
+            all.push(op);
+        }
+        3 => all.insert(i, all[i]),
+        _ => {}
+    }
+    (all, Vec::new())
 }
 
 /// A vCPU's program from raw ops, as a well-behaved guest writes it: vCPU `v` of `vcpus` only
@@ -229,6 +292,7 @@ pub fn decode(data: &[u8]) -> Scenario {
         destroy: false,
         init: Vec::new(),
         vmm1: Vec::new(),
+        build: None,
     });
     // Mostly one or two vCPUs (the MMU races need two), sometimes up to MAX_VCPUS; bit 6
     // makes the guests polite (hostile by default), bit 7 is the TD's SEPT_VE_DISABLE.
@@ -238,8 +302,9 @@ pub fn decode(data: &[u8]) -> Scenario {
         _ => 2 + ((raw.vcpus & 0x3f) / 8) % (MAX_VCPUS - 1),
     };
     let polite = raw.vcpus & 0x40 != 0;
-    let td = TdConfig {
+    let mut td = TdConfig {
         sept_ve_disable: raw.vcpus & 0x80 != 0,
+        ..TdConfig::default()
     };
     let mut tasks = Vec::new();
     for (i, g) in raw.guest.iter().enumerate().take(usize::from(vcpus)) {
@@ -252,11 +317,29 @@ pub fn decode(data: &[u8]) -> Scenario {
             }),
         });
     }
+    let mut init_pages: Vec<(Gfn, u64)> = Vec::new();
+    for &(g, value) in raw.init.iter().take(MAX_TASK_OPS) {
+        let g = gfn(g);
+        if !init_pages.iter().any(|(p, _)| *p == g) {
+            init_pages.push((g, u64::from(value) + 1));
+        }
+    }
     let mut v = vmm_ops(&raw.vmm, vcpus);
     if raw.destroy {
         v.push(VmmOp::Destroy);
     }
-    let v1 = vmm_ops(&raw.vmm1, vcpus);
+    let mut v1 = vmm_ops(&raw.vmm1, vcpus);
+    if let Some(b) = &raw.build {
+        // The build is part of the run: its pages become INIT_MEM_REGION ops.
+        let (b0, b1) = build_plan(b, vcpus, &init_pages);
+        init_pages.clear();
+        td.build_ops = true;
+        if b.max_vcpus & 4 == 0 {
+            td.max_vcpus = Some(1 + b.max_vcpus % MAX_VCPUS);
+        }
+        v = b0.into_iter().chain(v).take(MAX_TASK_OPS).collect();
+        v1 = b1.into_iter().chain(v1).take(MAX_TASK_OPS).collect();
+    }
     for (i, ops) in [v, v1]
         .into_iter()
         .enumerate()
@@ -267,13 +350,6 @@ pub fn decode(data: &[u8]) -> Scenario {
                 name: TaskName::Vmm(i as u8),
                 ops: TaskOps::Vmm(ops),
             });
-        }
-    }
-    let mut init_pages: Vec<(Gfn, u64)> = Vec::new();
-    for &(g, value) in raw.init.iter().take(MAX_TASK_OPS) {
-        let g = gfn(g);
-        if !init_pages.iter().any(|(p, _)| *p == g) {
-            init_pages.push((g, u64::from(value) + 1));
         }
     }
     Scenario {

@@ -58,6 +58,16 @@ pub enum VmmOp {
     /// close() of the VMM's only fd of guest_memfd 0 while it is bound and in use: the last
     /// reference goes, `kvm_gmem_release` unbinds and zaps everything it maps.
     CloseGmem,
+    /// KVM_TDX_INIT_VM (with the scenario's attributes and KVM_CAP_MAX_VCPUS).
+    InitVm,
+    /// KVM_CREATE_VCPU: the next vCPU index, on the logical processor of that index.
+    CreateVcpu,
+    /// KVM_TDX_INIT_VCPU on vCPU `vcpu` (-EBADF from userspace if it was never created).
+    InitVcpu { vcpu: u8 },
+    /// KVM_TDX_INIT_MEM_REGION on vCPU `vcpu`: one measured page at `gfn` with `value`.
+    InitMemRegion { vcpu: u8, gfn: Gfn, value: u64 },
+    /// KVM_TDX_FINALIZE_VM.
+    Finalize,
     /// Fault injection: the vCPU has faulted past the zero-step threshold at `gfn`.
     ZeroStep { vcpu: u8, gfn: Gfn },
     /// Fault injection: the next call of `leaf` returns TDX_OPERAND_BUSY on `operand` (one of
@@ -100,6 +110,11 @@ impl VmmOp {
                 | VmmOp::CreateSlot
                 | VmmOp::CreateSlotAt { .. }
                 | VmmOp::Prefault { .. }
+                | VmmOp::InitVm
+                | VmmOp::CreateVcpu
+                | VmmOp::InitVcpu { .. }
+                | VmmOp::InitMemRegion { .. }
+                | VmmOp::Finalize
         )
     }
 }
@@ -189,6 +204,13 @@ pub struct TdConfig {
     /// ATTRIBUTES.SEPT_VE_DISABLE: an access to a PENDING page exits to KVM (which kills the
     /// VM: `tdx_is_sept_violation_unexpected_pending`) instead of raising #VE in the guest.
     pub sept_ve_disable: bool,
+    /// KVM_CAP_MAX_VCPUS before KVM_TDX_INIT_VM (`kvm->max_vcpus`, passed to the module as
+    /// TD_PARAMS.MAX_VCPUS); None leaves KVM's default (the model's MAX_VCPUS).
+    pub max_vcpus: Option<u8>,
+    /// The TD build (INIT_VM, KVM_CREATE_VCPU, INIT_VCPU, memslot, attributes,
+    /// INIT_MEM_REGION, FINALIZE) is VMM ops of the scenario, run under the scheduler and the
+    /// oracle; false builds it before the run, as upstream's VMM does.
+    pub build_ops: bool,
 }
 
 impl TdConfig {

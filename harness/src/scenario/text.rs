@@ -46,6 +46,12 @@ pub fn print(s: &Scenario) -> String {
     if s.td.sept_ve_disable {
         let _ = writeln!(o, "attributes sept_ve_disable");
     }
+    if let Some(n) = s.td.max_vcpus {
+        let _ = writeln!(o, "max_vcpus {n}");
+    }
+    if s.td.build_ops {
+        let _ = writeln!(o, "build ops");
+    }
     for (g, v) in &s.init_pages {
         let _ = writeln!(o, "init {} {}", hex(g.raw()), hex(*v));
     }
@@ -142,6 +148,15 @@ fn vmm_op(op: &VmmOp) -> String {
         VmmOp::Interrupt { vcpu } => format!("interrupt vcpu{vcpu}"),
         VmmOp::ZapAllFast => "zap_all_fast".into(),
         VmmOp::CloseGmem => "close_gmem".into(),
+        VmmOp::InitVm => "init_vm".into(),
+        VmmOp::CreateVcpu => "create_vcpu".into(),
+        VmmOp::InitVcpu { vcpu } => format!("init_vcpu vcpu{vcpu}"),
+        VmmOp::InitMemRegion { vcpu, gfn, value } => format!(
+            "init_mem_region vcpu{vcpu} {} {}",
+            hex(gfn.raw()),
+            hex(value)
+        ),
+        VmmOp::Finalize => "finalize".into(),
         VmmOp::ZeroStep { vcpu, gfn } => format!("zero_step vcpu{vcpu} {}", hex(gfn.raw())),
         VmmOp::AllocFail { n } => format!("alloc_fail {n}"),
         VmmOp::InjectBusy { leaf, operand } => format!("inject_busy {leaf} {}", operand.name()),
@@ -242,7 +257,7 @@ impl<'a> Line<'a> {
     }
 
     fn npages(&self, i: usize, gfn: Gfn) -> Result<u64, ParseError> {
-        let n = self.num(i, "a page count", 512)?;
+        let n = self.num(i, "a page count", MAX_GFN + 1)?;
         if n == 0 || gfn.raw() + n > MAX_GFN + 1 {
             let (c, _) = self.tok(i, "a page count")?;
             return Err(self.err(
@@ -352,6 +367,18 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
         "interrupt" => (VmmOp::Interrupt { vcpu: l.vcpu(1, vcpus)? }, 2),
         "zap_all_fast" => (VmmOp::ZapAllFast, 1),
         "close_gmem" => (VmmOp::CloseGmem, 1),
+        "init_vm" => (VmmOp::InitVm, 1),
+        "create_vcpu" => (VmmOp::CreateVcpu, 1),
+        "init_vcpu" => (VmmOp::InitVcpu { vcpu: l.vcpu(1, vcpus)? }, 2),
+        "init_mem_region" => (
+            VmmOp::InitMemRegion {
+                vcpu: l.vcpu(1, vcpus)?,
+                gfn: l.gfn(2)?,
+                value: l.num(3, "a value", u64::MAX)?,
+            },
+            4,
+        ),
+        "finalize" => (VmmOp::Finalize, 1),
         "zero_step" => (VmmOp::ZeroStep { vcpu: l.vcpu(1, vcpus)?, gfn: l.gfn(2)? }, 3),
         "alloc_fail" => (VmmOp::AllocFail { n: l.num(1, "a count", 16)? as u8 }, 2),
         "inject_busy" => {
@@ -391,7 +418,7 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
                 c,
                 format!(
                     "unknown VMM op `{other}` (expected convert, delete_slot, create_slot, punch_hole, prefault, \
-                     signal, interrupt, zap_all_fast, close_gmem, zero_step, alloc_fail, inject_busy, inject_skip_convert_zap, inject_skip_in_guest_mode, \
+                     init_vm, create_vcpu, init_vcpu, init_mem_region, finalize, signal, interrupt, zap_all_fast, close_gmem, zero_step, alloc_fail, inject_busy, inject_skip_convert_zap, inject_skip_in_guest_mode, \
                      inject_truncate_without_free or destroy)"
                 ),
             ))
@@ -408,6 +435,19 @@ fn names<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
         Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
         _ => v.join(""),
     }
+}
+
+/// A header knob (`attributes`, `max_vcpus`, `build`) comes once, before `init` lines and
+/// tasks.
+fn header_once(l: &Line<'_>, s: &Scenario, seen: bool) -> Result<(), ParseError> {
+    let (c, head) = l.toks[0];
+    if seen || !s.init_pages.is_empty() || !s.tasks.is_empty() {
+        return Err(l.err(
+            c,
+            format!("`{head}` comes once, after `vcpus` and before `init` lines and tasks"),
+        ));
+    }
+    Ok(())
 }
 
 fn shared_flag(l: &Line<'_>, i: usize) -> Result<(bool, usize), ParseError> {
@@ -487,6 +527,7 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
         schedule: Schedule::Fair,
         expect: Expect::None,
     };
+    let mut max_at = None;
     while let Some(l) = it.next() {
         let (c, head) = l.toks[0];
         if l.indented {
@@ -494,9 +535,7 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
         }
         match head {
             "attributes" => {
-                if !s.init_pages.is_empty() || !s.tasks.is_empty() || s.td != TdConfig::default() {
-                    return Err(l.err(c, "`attributes` comes once, right after `vcpus`"));
-                }
+                header_once(l, &s, s.td.sept_ve_disable)?;
                 let (ac, a) = l.tok(1, "a TD attribute")?;
                 if a != "sept_ve_disable" {
                     return Err(l.err(
@@ -507,9 +546,34 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
                 s.td.sept_ve_disable = true;
                 l.done(2)?;
             }
+            "max_vcpus" => {
+                header_once(l, &s, s.td.max_vcpus.is_some())?;
+                let n = l.num(1, "a vCPU limit", u64::from(MAX_VCPUS))? as u8;
+                if n == 0 {
+                    return Err(l.err(l.toks[1].0, "the vCPU limit must be at least 1"));
+                }
+                s.td.max_vcpus = Some(n);
+                l.done(2)?;
+                max_at = Some((l.no, l.toks[1].0));
+            }
+            "build" => {
+                header_once(l, &s, s.td.build_ops)?;
+                let (bc, b) = l.tok(1, "`ops`")?;
+                if b != "ops" {
+                    return Err(l.err(bc, format!("expected `build ops`, found `{b}`")));
+                }
+                s.td.build_ops = true;
+                l.done(2)?;
+            }
             "init" => {
                 if !s.tasks.is_empty() {
                     return Err(l.err(c, "`init` lines come before the tasks"));
+                }
+                if s.td.build_ops {
+                    return Err(l.err(
+                        c,
+                        "`init` pages belong to the setup build; with `build ops` use init_mem_region",
+                    ));
                 }
                 s.init_pages
                     .push((l.gfn(1)?, l.num(2, "a value", u64::MAX)?));
@@ -636,9 +700,24 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
             other => {
                 return Err(l.err(
                     c,
-                    format!("unknown line `{other}` (expected init, task, schedule or expect)"),
+                    format!(
+                        "unknown line `{other}` (expected attributes, max_vcpus, build, init, \
+                         task, schedule or expect)"
+                    ),
                 ))
             }
+        }
+    }
+    if let (Some((line, col)), Some(n)) = (max_at, s.td.max_vcpus) {
+        if n < s.vcpus && !s.td.build_ops {
+            return Err(ParseError {
+                line,
+                col,
+                msg: format!(
+                    "the setup build creates all {} vCPUs: a limit of {n} needs `build ops`",
+                    s.vcpus
+                ),
+            });
         }
     }
     Ok(s)
@@ -675,12 +754,24 @@ expect violation must_not_fail
         let b = Scenario {
             td: TdConfig {
                 sept_ve_disable: true,
+                max_vcpus: Some(3),
+                build_ops: false,
             },
             schedule: Schedule::Bytes(vec![0, 0xff, 0x10]),
             expect: Expect::Clean,
             ..s
         };
         assert_eq!(parse(&print(&b)).unwrap(), b);
+        let c = Scenario {
+            td: TdConfig {
+                max_vcpus: Some(1),
+                build_ops: true,
+                ..b.td
+            },
+            init_pages: Vec::new(),
+            ..b
+        };
+        assert_eq!(parse(&print(&c)).unwrap(), c);
     }
 
     #[test]

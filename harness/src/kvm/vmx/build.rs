@@ -252,6 +252,16 @@ impl Kvm {
         let r = self
             .gmem_populate_page(cx, v, gfn, file, index, src_page, measure)
             .await;
+        if r.is_ok() {
+            let step = cx.step();
+            self.st.borrow_mut().mem_log.push((
+                step,
+                crate::kvm::MemEvent::Added {
+                    gfn,
+                    content: value,
+                },
+            ));
+        }
         // put_page of the source page.
         let mut h = self.host.borrow_mut();
         h.write(src_page, 0);

@@ -626,7 +626,8 @@ impl Kvm {
     /// `tdx_td_finalize` (KVM_MEMORY_ENCRYPT_OP(KVM_TDX_FINALIZE_VM) through `kvm_vm_ioctl`):
     /// -EIO on a dead VM; under the VM-state guard, -EINVAL without an HKID or once RUNNABLE;
     /// TDH.MR.FINALIZE (BUSY: -EBUSY; other errors bug the VM: -EIO); then RUNNABLE and
-    /// `pre_fault_allowed` (KVM_PRE_FAULT_MEMORY answers -EOPNOTSUPP before). Policy
+    /// `pre_fault_allowed` (KVM_PRE_FAULT_MEMORY answers -EOPNOTSUPP before). No mmu_lock
+    /// (policy `finalize_under_mmu_lock` takes it for write around both). Policy
     /// `sept_off_to_side` then maps every private gfn (`sept_side_populate_all`).
     pub async fn tdx_td_finalize(&self, cx: &Ctx) -> KvmResult<()> {
         if self.is_dead() {
@@ -641,20 +642,28 @@ impl Kvm {
                 }
             }
             let tdr = self.tdr();
-            match self.module.tdh_mr_finalize(cx, tdr).await {
-                Ok(()) => {}
-                Err(e) if e.status.is_operand_busy() => return Err(Errno::EBUSY),
+            let under_mmu_lock = self.policy.finalize_holds_mmu_lock;
+            if under_mmu_lock {
+                self.mmu_lock.write(cx).await;
+            }
+            let r = match self.module.tdh_mr_finalize(cx, tdr).await {
+                Ok(()) => {
+                    let mut st = self.st.borrow_mut();
+                    st.tdx.state = TdState::Runnable;
+                    st.tdx.pre_fault_allowed = true;
+                    Ok(())
+                }
+                Err(e) if e.status.is_operand_busy() => Err(Errno::EBUSY),
                 Err(e) => {
                     self.bug(cx, "tdx_td_finalize", format!("TDH.MR.FINALIZE: {e}"))
                         .await;
-                    return Err(Errno::EIO);
+                    Err(Errno::EIO)
                 }
+            };
+            if under_mmu_lock {
+                self.mmu_lock.write_unlock(cx).await;
             }
-            {
-                let mut st = self.st.borrow_mut();
-                st.tdx.state = TdState::Runnable;
-                st.tdx.pre_fault_allowed = true;
-            }
+            r?;
             if self.policy.sept_off_to_side {
                 // Seed 001: the whole private memory is mapped before the guest first runs.
                 self.sept_side_populate_all(cx).await?;
