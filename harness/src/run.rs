@@ -51,12 +51,14 @@ impl RunConfig {
     }
 }
 
-/// A VMM op that failed, with KVM's TD state when it was issued (the errno table's context).
+/// A VMM op that failed, with KVM's TD state when it was issued and when it returned (the
+/// errno table's context: another thread may move the state while the ioctl runs).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct VmmError {
     pub op: VmmOp,
     pub errno: Errno,
     pub td_state: crate::kvm::TdState,
+    pub td_state_after: crate::kvm::TdState,
 }
 
 /// What VMM ioctls answered on a dead VM, when it was not -EIO.
@@ -482,6 +484,7 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                                 op,
                                 errno: e,
                                 td_state,
+                                td_state_after: kvm.st.borrow().tdx.state,
                             });
                         }
                         if op == VmmOp::Destroy {

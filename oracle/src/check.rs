@@ -14,6 +14,9 @@ use crate::{Violation, ViolationKind};
 /// Steps between checks for vCPUs wedged by zero-step mitigation (`liveness::wedged_only`).
 const WEDGE_CHECK_EVERY: u64 = 2048;
 
+/// Steps between looks at the retry loops (`liveness::soft_lockup`).
+const RETRY_CHECK_EVERY: u64 = 64;
+
 /// What a per-step check found: kind, location, signature key, detail.
 type Found = (ViolationKind, &'static str, String, String);
 
@@ -95,6 +98,12 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
         {
             return false;
         }
+        if info.step.is_multiple_of(RETRY_CHECK_EVERY) {
+            if let Some((loop_fn, key, detail)) = crate::liveness::soft_lockup(&cx) {
+                *f.borrow_mut() = Some((ViolationKind::Liveness, loop_fn, key, detail));
+                return false;
+            }
+        }
         let st = kvm.st.borrow();
         if let Some(b) = crate::must_not_fail::bugs_since(&st.bugs, bugs_seen).first() {
             *f.borrow_mut() = Some((
@@ -132,6 +141,18 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
         true
     };
     run.execute(&mut observer);
+    let soft_lockup = matches!(&*found.borrow(), Some((ViolationKind::Liveness, ..)));
+    if soft_lockup {
+        // A spin often follows from a desync (retrying on a table that is not there): the
+        // desync is the cause, as at the end of a run that hangs.
+        if let Some(v) = desync(&run, false) {
+            return Report {
+                violation: Some(v),
+                wedged: None,
+                run,
+            };
+        }
+    }
     if let Some((kind, loc, key, detail)) = found.borrow_mut().take() {
         let v = violation(kind, loc, key, detail, &run);
         return Report {
@@ -152,25 +173,32 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
     }
 }
 
+/// Mirror SPTEs vs the S-EPT (frozen SPTEs count only when `quiescent`).
+fn desync(run: &Run, quiescent: bool) -> Option<Violation> {
+    let kvm = &run.stack.kvm;
+    let bad = crate::sept_sync::check(kvm, quiescent);
+    let b = bad.first()?;
+    let location = if kvm.policy.sept_off_to_side {
+        "sept_side vs S-EPT"
+    } else {
+        "tdp_mmu vs S-EPT"
+    };
+    Some(violation(
+        ViolationKind::MirrorDesync,
+        location,
+        stable(b),
+        b.clone(),
+        run,
+    ))
+}
+
 fn end_checks(run: &Run, wedged: bool) -> Option<Violation> {
     let kvm = &run.stack.kvm;
     // A desync is the cause when a run also hangs (e.g. retrying on a table that is not there),
     // so it is checked first; frozen SPTEs count only when nothing is in flight.
     let quiescent = run.outcome == Outcome::AllDone;
-    let bad = crate::sept_sync::check(kvm, quiescent);
-    if let Some(b) = bad.first() {
-        let location = if kvm.policy.sept_off_to_side {
-            "sept_side vs S-EPT"
-        } else {
-            "tdp_mmu vs S-EPT"
-        };
-        return Some(violation(
-            ViolationKind::MirrorDesync,
-            location,
-            stable(b),
-            b.clone(),
-            run,
-        ));
+    if let Some(v) = desync(run, quiescent) {
+        return Some(v);
     }
     if !wedged {
         let wedged_vcpu = |name: &str| {

@@ -88,6 +88,50 @@ fn loop_name(tail: &[harness::sched::TraceEvent], t: harness::sched::TaskId) -> 
         .map(|(n, _)| format!("loop in {n}"))
 }
 
+/// Iterations of one kernel retry loop (`Ctx::retry`) after which the watchdog reports a
+/// soft lockup, even if the loop would end later: a host thread spinning this long in the
+/// kernel (a fault retried, a prefault retried) is harm whatever ends it in the end. Legitimate
+/// retries (BUSY from a racing SEAMCALL, a conversion in flight) take a handful.
+pub const SOFT_LOCKUP_RETRIES: u32 = 2000;
+
+/// The soft-lockup watchdog: a task past SOFT_LOCKUP_RETRIES iterations of a retry loop, as
+/// (the loop's upstream function, signature key, detail).
+pub fn soft_lockup(cx: &Ctx) -> Option<(&'static str, String, String)> {
+    let (t, name, n) = cx
+        .retrying()
+        .into_iter()
+        .find(|(_, _, n)| *n > SOFT_LOCKUP_RETRIES)?;
+    // The other unfinished tasks, as a no-progress report names them: often the ones stuck
+    // behind the spin.
+    let objs: Vec<&'static str> = (0..)
+        .map_while(|i| cx.try_obj_name(harness::sched::ObjId(i)))
+        .collect();
+    let others: Vec<String> = cx
+        .pending()
+        .into_iter()
+        .filter(|(o, _, _)| *o != t)
+        .map(|(o, p, w)| match w {
+            Some(w) => format!("{} waits in {}", cx.task_name(o), wait_name(w, &objs)),
+            None => format!(
+                "{} last at {}",
+                cx.task_name(o),
+                PointDisplay {
+                    point: &p,
+                    obj_names: &objs
+                }
+            ),
+        })
+        .collect();
+    let mut detail = format!(
+        "soft lockup: {} retried {n} times in {name} (the watchdog's bound is {SOFT_LOCKUP_RETRIES})",
+        cx.task_name(t)
+    );
+    if !others.is_empty() {
+        detail = format!("{detail}; {}", others.join("; "));
+    }
+    Some((name, format!("soft-lockup:loop in {name}"), detail))
+}
+
 /// A vCPU the TDX module keeps out of the guest by design: zero-step mitigation logged a GPA
 /// that is now PENDING (KVM mapped it, the guest has not accepted it), so
 /// `td_entry_stepping_filter` answers every TDH.VP.ENTER with an emulated EPT violation on it;

@@ -27,7 +27,8 @@ pub fn internal_errors(ends: &[Option<ThreadEnd>]) -> Vec<String> {
 }
 
 /// -EIO that upstream returns for a call at the wrong time, not because it bugged the VM:
-/// (op, TD state at the call, the upstream line).
+/// (op, a TD state that explains it, the upstream line). The state is tested as the call
+/// found it and as it left it (another thread may have finalized in between).
 type DocumentedEio = (fn(VmmOp) -> bool, fn(TdState) -> bool, &'static str);
 
 const DOCUMENTED_EIO: &[DocumentedEio] = &[(
@@ -41,7 +42,7 @@ pub fn documented_eio(e: &VmmError) -> bool {
     e.errno == Errno::EIO
         && DOCUMENTED_EIO
             .iter()
-            .any(|(op, state, _)| op(e.op) && state(e.td_state))
+            .any(|(op, state, _)| op(e.op) && (state(e.td_state) || state(e.td_state_after)))
 }
 
 /// -EIO from the VMM's ioctls where upstream does not document it for the call (other
@@ -82,6 +83,7 @@ mod tests {
             op,
             errno,
             td_state,
+            td_state_after: td_state,
         };
         let errs = vec![
             e(VmmOp::ZapAllFast, Errno::EAGAIN, TdState::Runnable),
@@ -91,6 +93,12 @@ mod tests {
             e(VmmOp::CreateVcpu, Errno::EIO, TdState::Initialized),
         ];
         assert_eq!(eio(&errs).len(), 2, "{:?}", eio(&errs));
+        // Finalized by another thread while KVM_CREATE_VCPU ran.
+        let raced = VmmError {
+            td_state_after: TdState::Runnable,
+            ..e(VmmOp::CreateVcpu, Errno::EIO, TdState::Initialized)
+        };
+        assert!(documented_eio(&raced));
         assert!(internal_errors(&[None, Some(ThreadEnd::Error(Errno::ENOMEM))]).is_empty());
     }
 }

@@ -77,6 +77,8 @@ struct TaskSlot {
     /// A retry loop that cannot progress until `WaitOn`'s holder does (a spin-wait): it stays
     /// runnable, but counts as a wait-for edge when looking for cycles.
     spinning: Option<WaitOn>,
+    /// The retry loop the task is in and its iterations so far (`Ctx::retry`).
+    retries: Option<(&'static str, u32)>,
 }
 
 /// How the last poll of a task ended, as signalled by the yield and block futures.
@@ -140,6 +142,35 @@ impl Ctx {
         self.0.tasks.borrow_mut()[t.0 as usize].spinning = None;
     }
 
+    /// One more iteration of the kernel retry loop `name` (the upstream function that loops):
+    /// the oracle's soft-lockup watchdog reads the counts (`retrying`).
+    pub fn retry(&self, name: &'static str) {
+        let t = self.current();
+        let mut tasks = self.0.tasks.borrow_mut();
+        let r = &mut tasks[t.0 as usize].retries;
+        *r = match *r {
+            Some((n, k)) if n == name => Some((n, k.saturating_add(1))),
+            _ => Some((name, 1)),
+        };
+    }
+
+    /// Leaves the retry loop (see `retry`).
+    pub fn retry_end(&self) {
+        let t = self.current();
+        self.0.tasks.borrow_mut()[t.0 as usize].retries = None;
+    }
+
+    /// Tasks inside a retry loop: (task, loop, iterations so far).
+    pub fn retrying(&self) -> Vec<(TaskId, &'static str, u32)> {
+        self.0
+            .tasks
+            .borrow()
+            .iter()
+            .enumerate()
+            .filter_map(|(i, t)| t.retries.map(|(n, k)| (TaskId(i as u32), n, k)))
+            .collect()
+    }
+
     /// Shorthand for a named yield point.
     pub fn yield_at(&self, name: &'static str) -> YieldNow<'_> {
         self.yield_now(Point::Yield(name))
@@ -199,6 +230,11 @@ impl Ctx {
             .collect()
     }
 
+    /// Name of a blocking object if it exists (for listing them all).
+    pub fn try_obj_name(&self, o: ObjId) -> Option<&'static str> {
+        self.0.objs.borrow().get(o.0 as usize).map(|x| x.name)
+    }
+
     /// Name of a blocking object, for messages.
     pub fn obj_name(&self, o: ObjId) -> &'static str {
         self.0.objs.borrow()[o.0 as usize].name
@@ -232,6 +268,7 @@ impl Core {
             state: TaskState::Runnable,
             last_point: Point::Start,
             spinning: None,
+            retries: None,
         });
         id
     }
@@ -426,7 +463,11 @@ impl Executor {
                 .expect("runnable task has a future");
             let point = match fut.as_mut().poll(&mut cx) {
                 Poll::Ready(()) => {
-                    self.core.tasks.borrow_mut()[pick.0 as usize].spinning = None;
+                    {
+                        let mut tasks = self.core.tasks.borrow_mut();
+                        tasks[pick.0 as usize].spinning = None;
+                        tasks[pick.0 as usize].retries = None;
+                    }
                     self.futures[pick.0 as usize] = None;
                     self.core.tasks.borrow_mut()[pick.0 as usize].state = TaskState::Done;
                     Point::Exit

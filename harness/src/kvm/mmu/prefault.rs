@@ -228,6 +228,7 @@ impl Kvm {
                     break Err(e);
                 }
             }
+            cx.retry("kvm_tdp_map_page");
             let point = Point::Yield("kvm_tdp_map_page:cond_resched");
             if invalid_slot {
                 // Only the memslot update (under slots_lock) can end this retry.
@@ -245,6 +246,7 @@ impl Kvm {
             }
         };
         cx.spin_end();
+        cx.retry_end();
         match r? {
             RetPf::Fixed | RetPf::Spurious | RetPf::WriteProtected => Ok(PgLevel::L4K),
             RetPf::Emulate => Err(Errno::ENOENT),

@@ -401,6 +401,8 @@ impl Kvm {
             self.kvm_mmu_reload(cx, v).await?;
             self.mmu_topup_memory_caches(v)?;
         }
+        // Early returns leave the count behind; the next loop starts from zero.
+        cx.retry_end();
         let r = loop {
             if self.take_signal(v) {
                 return Err(Errno::EINTR);
@@ -408,6 +410,7 @@ impl Kvm {
             if self.test_request(v, Request::VmDead) {
                 return Err(Errno::EIO);
             }
+            cx.retry("kvm_tdp_mmu_map_private_pfn");
             if each_retry {
                 self.kvm_mmu_reload(cx, v).await?;
                 self.mmu_topup_memory_caches(v)?;
@@ -437,6 +440,7 @@ impl Kvm {
                 break r;
             }
         };
+        cx.retry_end();
         if r == RetPf::Fixed {
             Ok(())
         } else {

@@ -758,6 +758,7 @@ impl Kvm {
             .ept_violation_retry_loop(cx, v, gpa, private, local_retry)
             .await;
         cx.spin_end();
+        cx.retry_end();
         self.st.borrow_mut().vcpus[v].ept_retrying = false;
         r
     }
@@ -804,6 +805,7 @@ impl Kvm {
                 return Ok(1);
             }
             self.st.borrow_mut().vcpus[v].ept_retrying = true;
+            cx.retry("tdx_handle_ept_violation");
             let point = Point::Yield("tdx_handle_ept_violation:cond_resched");
             if invalid {
                 // Retrying can only succeed once the memslot update (under slots_lock) is done.
