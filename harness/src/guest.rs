@@ -13,8 +13,11 @@ use crate::tdx_module::{AccessResult, Code};
 /// One guest instruction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GuestOp {
-    /// TDG.MEM.PAGE.ACCEPT of a private 4K page.
+    /// TDG.MEM.PAGE.ACCEPT of a private 4K page (any GPA: a hostile guest passes unaligned,
+    /// shared or out-of-range ones too).
     Accept { gpa: Gpa },
+    /// TDG.MEM.PAGE.ACCEPT at 2M (what Linux's `accept_memory` tries first).
+    AcceptHuge { gpa: Gpa },
     /// Load from a GPA (private or shared by its shared bit).
     Read { gpa: Gpa },
     /// Store `value`.
@@ -40,6 +43,11 @@ pub const MAP_GPA_RETRIES_PER_PAGE: u32 = 3;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Observation {
     Accepted {
+        gpa: Gpa,
+        code: Code,
+    },
+    /// A 2M ACCEPT's result (SUCCESS accepts and zeroes all 512 pages).
+    AcceptedHuge {
         gpa: Gpa,
         code: Code,
     },
@@ -135,9 +143,15 @@ pub async fn run_guest(kvm: &Kvm, cx: &Ctx, v: usize, tdvpr: Pfn) -> TdExit {
             return TdExit::Done;
         };
         let step = match op {
-            GuestOp::Accept { gpa } => {
-                match m.tdg_mem_page_accept(cx, tdvpr, gpa, PgLevel::L4K).await {
+            GuestOp::Accept { gpa } | GuestOp::AcceptHuge { gpa } => {
+                let huge = matches!(op, GuestOp::AcceptHuge { .. });
+                let level = if huge { PgLevel::L2M } else { PgLevel::L4K };
+                match m.tdg_mem_page_accept(cx, tdvpr, gpa, level).await {
                     Ok(ret) if ret.status.code == Code::OperandBusy => Step::Again,
+                    Ok(ret) if huge => Step::Next(Observation::AcceptedHuge {
+                        gpa,
+                        code: ret.status.code,
+                    }),
                     Ok(ret) => Step::Next(Observation::Accepted {
                         gpa,
                         code: ret.status.code,

@@ -89,6 +89,8 @@ fn guest_program(ops: &[GuestStep]) -> GuestProgram {
         ops.iter()
             .map(|s| match *s {
                 GuestStep::Accept { gfn } => GuestOp::Accept { gpa: gfn.gpa() },
+                GuestStep::AcceptHuge { gfn } => GuestOp::AcceptHuge { gpa: gfn.gpa() },
+                GuestStep::AcceptGpa { gpa } => GuestOp::Accept { gpa },
                 GuestStep::Read { gfn, shared } => GuestOp::Read {
                     gpa: if shared {
                         gfn.gpa().to_shared()
@@ -420,6 +422,7 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                 let v = usize::from(v);
                 let program = guest_program(ops);
                 let build_ops = sc.td.build_ops;
+                let fault_block = sc.vmm.fault_convert_pages;
                 if !build_ops {
                     stack.kvm.set_guest_program(v, program.clone());
                 }
@@ -439,7 +442,7 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                         }
                         kvm.set_guest_program(v, program);
                     }
-                    end.set(Some(vcpu_thread(&kvm, &cx2, v).await));
+                    end.set(Some(vcpu_thread(&kvm, &cx2, v, fault_block).await));
                     done.complete_all(&cx2).await;
                 })
             }

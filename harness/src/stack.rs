@@ -131,7 +131,7 @@ impl Stack {
         let out = Rc::new(std::cell::Cell::new(None));
         let (cx, kvm, o) = (self.cx.clone(), self.kvm.clone(), out.clone());
         let id = self.ex.spawn(format!("vcpu{v}"), async move {
-            o.set(Some(vcpu_thread(&kvm, &cx, v).await));
+            o.set(Some(vcpu_thread(&kvm, &cx, v, 1).await));
         });
         (id, out)
     }

@@ -33,8 +33,9 @@ pub const MAX_FAULT_CONVERSIONS: u32 = 32;
 /// runs a vCPU again after an error, and KVM must answer consistently (a dead VM -EIO again).
 pub const MAX_RUN_AFTER_ERROR: u32 = 2;
 
-/// A vCPU thread: KVM_RUN in a loop.
-pub async fn vcpu_thread(kvm: &Kvm, cx: &Ctx, v: usize) -> ThreadEnd {
+/// A vCPU thread: KVM_RUN in a loop. A KVM_EXIT_MEMORY_FAULT converts the aligned block of
+/// `fault_block` pages around the fault (1: exactly the page, as QEMU does).
+pub async fn vcpu_thread(kvm: &Kvm, cx: &Ctx, v: usize, fault_block: u64) -> ThreadEnd {
     let mut conversions = 0;
     let mut run_after_error = 0;
     loop {
@@ -53,8 +54,9 @@ pub async fn vcpu_thread(kvm: &Kvm, cx: &Ctx, v: usize) -> ThreadEnd {
                     return ThreadEnd::Error(Errno::EFAULT);
                 }
                 conversions += 1;
+                let start = crate::addr::Gfn::new(gfn.raw() / fault_block * fault_block);
                 if let Err(e) = kvm
-                    .set_memory_attributes(cx, gfn, gfn.add(1), f.private)
+                    .set_memory_attributes(cx, start, start.add(fault_block), f.private)
                     .await
                 {
                     return ThreadEnd::Error(e);

@@ -84,6 +84,18 @@ pub fn check(kvm: &Kvm) -> Vec<String> {
                             _ => {}
                         }
                     }
+                    Observation::AcceptedHuge { gpa, code } => {
+                        // KVM maps TD memory at 4K only, so a 2M ACCEPT finds a table or a
+                        // 4K leaf below; SUCCESS would accept and zero the whole region.
+                        if code == Code::Success {
+                            let base = gpa.gfn();
+                            for i in 0..512 {
+                                let p = pages.entry(base.add(i)).or_default();
+                                p.accepted = true;
+                                p.content = 0;
+                            }
+                        }
+                    }
                     Observation::Read { gpa, value } if gpa.is_shared() => {
                         let p = pages.entry(gpa.gfn()).or_default();
                         if value != p.shared {

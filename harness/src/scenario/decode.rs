@@ -7,8 +7,8 @@
 use arbitrary::{Arbitrary, Unstructured};
 
 use super::{
-    Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, TdConfig, VmmOp, MAX_SLOT_ID,
-    MAX_TASK_OPS, MAX_VCPUS, MAX_VMM_TASKS,
+    Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, TdConfig, VmmConfig, VmmOp,
+    FAULT_CONVERT_BLOCKS, MAX_SLOT_ID, MAX_TASK_OPS, MAX_VCPUS, MAX_VMM_TASKS,
 };
 use crate::addr::Gfn;
 
@@ -23,6 +23,9 @@ fn gfn(i: u8) -> Gfn {
 #[derive(Arbitrary, Debug)]
 enum RawGuest {
     Accept(u8),
+    /// (gfn index, which odd form: 2M at the gfn, 2M at its region, unaligned, shared
+    /// alias, beyond the GPA width)
+    AcceptOdd(u8, u8),
     Read(u8, bool),
     Write(u8, bool, u8),
     MapGpa(u8, bool),
@@ -69,6 +72,8 @@ struct Raw {
     vmm1: Vec<RawVmm>,
     /// The TD build as ops (`build ops`) instead of before the run.
     build: Option<RawBuild>,
+    /// `vmm fault_convert`: which block a fault converts.
+    fault_convert: u8,
 }
 
 /// How the VMM builds the TD when the build is part of the run.
@@ -160,7 +165,8 @@ fn guest_program(raw: &[RawGuest], v: u8, vcpus: u8) -> Vec<GuestStep> {
             break;
         }
         match *r {
-            RawGuest::Accept(g) => {
+            // A polite guest accepts its own pages at 4K only.
+            RawGuest::Accept(g) | RawGuest::AcceptOdd(g, _) => {
                 let g = own(g);
                 want(&mut out, g, true);
                 out.push(GuestStep::Accept { gfn: g });
@@ -186,6 +192,27 @@ fn guest_program(raw: &[RawGuest], v: u8, vcpus: u8) -> Vec<GuestStep> {
     out
 }
 
+/// A TDCALL a Linux guest never makes: ACCEPT at 2M (aligned or not), or at 4K of a GPA the
+/// module must refuse.
+fn odd_accept(g: Gfn, kind: u8) -> GuestStep {
+    use crate::addr::Gpa;
+    match kind % 5 {
+        0 => GuestStep::AcceptHuge { gfn: g },
+        1 => GuestStep::AcceptHuge {
+            gfn: Gfn::new(g.raw() & !511),
+        },
+        2 => GuestStep::AcceptGpa {
+            gpa: Gpa::new(g.gpa().raw() + 0x123),
+        },
+        3 => GuestStep::AcceptGpa {
+            gpa: g.gpa().to_shared(),
+        },
+        _ => GuestStep::AcceptGpa {
+            gpa: Gpa::new(g.gpa().raw() | 1 << 48),
+        },
+    }
+}
+
 /// A hostile guest's program: the raw ops as they come. Any vCPU touches any of the gfns, as
 /// private or shared, without converting first (the VMM converts on the fault), accesses pages
 /// it never accepted or another vCPU owns, accepts twice, and converts ranges of one to four
@@ -195,6 +222,7 @@ fn hostile_program(raw: &[RawGuest]) -> Vec<GuestStep> {
         .take(MAX_TASK_OPS)
         .map(|r| match *r {
             RawGuest::Accept(g) => GuestStep::Accept { gfn: gfn(g) },
+            RawGuest::AcceptOdd(g, kind) => odd_accept(gfn(g), kind),
             RawGuest::Read(g, shared) => GuestStep::Read {
                 gfn: gfn(g),
                 shared,
@@ -293,6 +321,7 @@ pub fn decode(data: &[u8]) -> Scenario {
         init: Vec::new(),
         vmm1: Vec::new(),
         build: None,
+        fault_convert: 0,
     });
     // Mostly one or two vCPUs (the MMU races need two), sometimes up to MAX_VCPUS; bit 6
     // makes the guests polite (hostile by default), bit 7 is the TD's SEPT_VE_DISABLE.
@@ -302,6 +331,14 @@ pub fn decode(data: &[u8]) -> Scenario {
         _ => 2 + ((raw.vcpus & 0x3f) / 8) % (MAX_VCPUS - 1),
     };
     let polite = raw.vcpus & 0x40 != 0;
+    // A careless VMM converts more than the fault asked for (with hostile guests only).
+    let vmm = VmmConfig {
+        fault_convert_pages: if polite {
+            1
+        } else {
+            FAULT_CONVERT_BLOCKS[usize::from(raw.fault_convert) % FAULT_CONVERT_BLOCKS.len()]
+        },
+    };
     let mut td = TdConfig {
         sept_ve_disable: raw.vcpus & 0x80 != 0,
         ..TdConfig::default()
@@ -355,6 +392,7 @@ pub fn decode(data: &[u8]) -> Scenario {
     Scenario {
         vcpus,
         td,
+        vmm,
         init_pages,
         tasks,
         schedule: Schedule::Bytes(sched.iter().take(4096).copied().collect()),
@@ -388,9 +426,11 @@ mod tests {
                     ops.iter()
                         .map(|o| match *o {
                             GuestStep::Accept { gfn }
+                            | GuestStep::AcceptHuge { gfn }
                             | GuestStep::Read { gfn, .. }
                             | GuestStep::Write { gfn, .. }
                             | GuestStep::MapGpa { gfn, .. } => gfn,
+                            GuestStep::AcceptGpa { gpa } => gpa.gfn(),
                         })
                         .collect(),
                 ),

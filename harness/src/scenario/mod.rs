@@ -125,6 +125,15 @@ pub enum GuestStep {
     Accept {
         gfn: Gfn,
     },
+    /// TDG.MEM.PAGE.ACCEPT at 2M of the region starting at `gfn` (unaligned: refused).
+    AcceptHuge {
+        gfn: Gfn,
+    },
+    /// TDG.MEM.PAGE.ACCEPT (4K) of a raw GPA: unaligned, with the shared bit, or beyond the
+    /// GPA width (the module refuses each with TDX_OPERAND_INVALID).
+    AcceptGpa {
+        gpa: crate::addr::Gpa,
+    },
     Read {
         gfn: Gfn,
         shared: bool,
@@ -224,11 +233,31 @@ impl TdConfig {
     }
 }
 
+/// How the VMM's vCPU threads behave.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VmmConfig {
+    /// On KVM_EXIT_MEMORY_FAULT the VMM converts the aligned block of this many pages around
+    /// the fault (QEMU converts the page the exit names: 1; a careless or hostile VMM more).
+    pub fault_convert_pages: u64,
+}
+
+impl Default for VmmConfig {
+    fn default() -> Self {
+        VmmConfig {
+            fault_convert_pages: 1,
+        }
+    }
+}
+
+/// Block sizes `vmm fault_convert N` may name: a page, a few, a 2M region.
+pub const FAULT_CONVERT_BLOCKS: [u64; 3] = [1, 4, 512];
+
 /// A whole scenario.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Scenario {
     pub vcpus: u8,
     pub td: TdConfig,
+    pub vmm: VmmConfig,
     /// Pages added at build time with TDH.MEM.PAGE.ADD (KVM_TDX_INIT_MEM_REGION), with content.
     pub init_pages: Vec<(Gfn, u64)>,
     pub tasks: Vec<Task>,

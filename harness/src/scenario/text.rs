@@ -21,8 +21,9 @@ use std::fmt::Write;
 use thiserror::Error;
 
 use super::{
-    Dir, DirUntil, Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, TdConfig, VmmOp,
-    MAX_GFN, MAX_SLOT_ID, MAX_TASK_OPS, MAX_VCPUS, MAX_VMM_TASKS,
+    Dir, DirUntil, Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, TdConfig,
+    VmmConfig, VmmOp, FAULT_CONVERT_BLOCKS, MAX_GFN, MAX_SLOT_ID, MAX_TASK_OPS, MAX_VCPUS,
+    MAX_VMM_TASKS,
 };
 use crate::addr::Gfn;
 
@@ -51,6 +52,9 @@ pub fn print(s: &Scenario) -> String {
     }
     if s.td.build_ops {
         let _ = writeln!(o, "build ops");
+    }
+    if s.vmm != VmmConfig::default() {
+        let _ = writeln!(o, "vmm fault_convert {}", s.vmm.fault_convert_pages);
     }
     for (g, v) in &s.init_pages {
         let _ = writeln!(o, "init {} {}", hex(g.raw()), hex(*v));
@@ -171,6 +175,8 @@ fn guest_op(op: &GuestStep) -> String {
     let sh = |s: bool| if s { " shared" } else { "" };
     match *op {
         GuestStep::Accept { gfn } => format!("accept {}", hex(gfn.raw())),
+        GuestStep::AcceptHuge { gfn } => format!("accept {} 2m", hex(gfn.raw())),
+        GuestStep::AcceptGpa { gpa } => format!("accept_gpa {}", hex(gpa.raw())),
         GuestStep::Read { gfn, shared } => format!("read {}{}", hex(gfn.raw()), sh(shared)),
         GuestStep::Write { gfn, shared, value } => {
             format!("write {} {}{}", hex(gfn.raw()), hex(value), sh(shared))
@@ -437,7 +443,7 @@ fn names<T: std::fmt::Display>(items: impl Iterator<Item = T>) -> String {
     }
 }
 
-/// A header knob (`attributes`, `max_vcpus`, `build`) comes once, before `init` lines and
+/// A header knob (`attributes`, `max_vcpus`, `build`, `vmm`) comes once, before `init` lines and
 /// tasks.
 fn header_once(l: &Line<'_>, s: &Scenario, seen: bool) -> Result<(), ParseError> {
     let (c, head) = l.toks[0];
@@ -464,7 +470,16 @@ fn shared_flag(l: &Line<'_>, i: usize) -> Result<(bool, usize), ParseError> {
 fn parse_guest_op(l: &Line<'_>) -> Result<GuestStep, ParseError> {
     let (c, op) = l.tok(0, "a guest op")?;
     let (op, n) = match op {
-        "accept" => (GuestStep::Accept { gfn: l.gfn(1)? }, 2),
+        "accept" => match l.toks.get(2) {
+            Some((_, "2m")) => (GuestStep::AcceptHuge { gfn: l.gfn(1)? }, 3),
+            _ => (GuestStep::Accept { gfn: l.gfn(1)? }, 2),
+        },
+        "accept_gpa" => (
+            GuestStep::AcceptGpa {
+                gpa: crate::addr::Gpa::new(l.num(1, "a GPA", u64::MAX)?),
+            },
+            2,
+        ),
         "read" => {
             let gfn = l.gfn(1)?;
             let (shared, n) = shared_flag(l, 2)?;
@@ -522,6 +537,7 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
     let mut s = Scenario {
         vcpus,
         td: TdConfig::default(),
+        vmm: VmmConfig::default(),
         init_pages: Vec::new(),
         tasks: Vec::new(),
         schedule: Schedule::Fair,
@@ -555,6 +571,20 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
                 s.td.max_vcpus = Some(n);
                 l.done(2)?;
                 max_at = Some((l.no, l.toks[1].0));
+            }
+            "vmm" => {
+                header_once(l, &s, s.vmm != VmmConfig::default())?;
+                let (kc, k) = l.tok(1, "`fault_convert`")?;
+                if k != "fault_convert" {
+                    return Err(l.err(kc, format!("expected `vmm fault_convert N`, found `{k}`")));
+                }
+                let (nc, _) = l.tok(2, "a block size")?;
+                let n = l.num(2, "a block size", 512)?;
+                if !FAULT_CONVERT_BLOCKS.contains(&n) {
+                    return Err(l.err(nc, "the block is 1, 4 or 512 pages"));
+                }
+                s.vmm.fault_convert_pages = n;
+                l.done(3)?;
             }
             "build" => {
                 header_once(l, &s, s.td.build_ops)?;
@@ -701,7 +731,7 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
                 return Err(l.err(
                     c,
                     format!(
-                        "unknown line `{other}` (expected attributes, max_vcpus, build, init, \
+                        "unknown line `{other}` (expected attributes, max_vcpus, build, vmm, init, \
                          task, schedule or expect)"
                     ),
                 ))
@@ -769,6 +799,9 @@ expect violation must_not_fail
                 ..b.td
             },
             init_pages: Vec::new(),
+            vmm: VmmConfig {
+                fault_convert_pages: 512,
+            },
             ..b
         };
         assert_eq!(parse(&print(&c)).unwrap(), c);
