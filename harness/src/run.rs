@@ -199,6 +199,11 @@ async fn vmm_op(
             kvm.kvm_gmem_punch_hole(cx, file, crate::ids::PgOff(gfn.raw()), npages)
                 .await
         }
+        VmmOp::Allocate { gfn, npages } => {
+            let file = crate::ids::GmemId(0);
+            kvm.kvm_gmem_allocate(cx, file, crate::ids::PgOff(gfn.raw()), npages)
+                .await
+        }
         VmmOp::Prefault { vcpu, .. }
         | VmmOp::InitVcpu { vcpu }
         | VmmOp::InitMemRegion { vcpu, .. }

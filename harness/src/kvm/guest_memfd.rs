@@ -266,6 +266,58 @@ impl Kvm {
         r
     }
 
+    /// fallocate(FALLOC_FL_KEEP_SIZE) on a guest_memfd (`kvm_gmem_allocate`): -EINVAL past the
+    /// file's size (it is immutable), else under the invalidate lock each missing page of the
+    /// range is added to the page cache, not uptodate (the first fault or populate zeroes and
+    /// prepares it); a signal stops it with -EINTR, a failed allocation with -ENOMEM.
+    pub async fn kvm_gmem_allocate(
+        &self,
+        cx: &Ctx,
+        file: GmemId,
+        start: PgOff,
+        npages: u64,
+    ) -> KvmResult<()> {
+        let Some(lock) = self.gmem_invalidate_lock(cx, file) else {
+            return Err(Errno::EINVAL);
+        };
+        let (closed, size) = {
+            let st = self.st.borrow();
+            let f = &st.gmem.files[&file];
+            (f.closed, f.npages)
+        };
+        if closed {
+            return Err(Errno::EBADF);
+        }
+        let end = start.0.saturating_add(npages);
+        if end > size {
+            return Err(Errno::EINVAL);
+        }
+        lock.lock(cx).await;
+        let mut r = Ok(());
+        for index in (start.0..end).map(PgOff) {
+            let present = self.st.borrow().gmem.files[&file]
+                .pages
+                .contains_key(&index);
+            if !present {
+                let p = {
+                    let mut h = self.host.borrow_mut();
+                    h.ledger
+                        .alloc(crate::host::AllocFor::GuestMemfd { file, index })
+                };
+                let Ok(p) = p else {
+                    r = Err(Errno::ENOMEM);
+                    break;
+                };
+                if let Some(f) = self.st.borrow_mut().gmem.files.get_mut(&file) {
+                    f.pages.insert(index, p);
+                }
+            }
+            cx.yield_at("kvm_gmem_allocate:cond_resched").await;
+        }
+        lock.unlock(cx).await;
+        r
+    }
+
     /// `kvm_gmem_release` (the last fput of the file): under slots_lock and the invalidate
     /// lock, NULL every binding's `slot->gmem.file` and zap everything the file maps; then the
     /// inode is evicted (`kvm_gmem_evict_inode` -> `truncate_inode_pages_final`), which frees

@@ -50,6 +50,8 @@ enum RawVmm {
     CreateSlotAt(u8, u8),
     /// (leaf choice, operand choice)
     InjectBusy(u8, u8),
+    /// fallocate allocate: (gfn index, length byte)
+    Allocate(u8, u8),
 }
 
 /// Regions a VMM splits guest memory into: (first gfn, pages). Each holds some of `GFNS`.
@@ -270,6 +272,10 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
         RawVmm::CreateSlot => VmmOp::CreateSlot,
         // A few failures: enough to hit a topup or a guest_memfd allocation, not the whole run.
         RawVmm::AllocFail(n) => VmmOp::AllocFail { n: 1 + n % 4 },
+        RawVmm::Allocate(g, len) => VmmOp::Allocate {
+            gfn: gfn(g),
+            npages: npages(len),
+        },
         RawVmm::InjectBusy(l, o) => {
             use crate::tdx_module::{busy_operands, BUSY_INJECTABLE};
             let leaf = BUSY_INJECTABLE[usize::from(l) % BUSY_INJECTABLE.len()];

@@ -41,6 +41,8 @@ pub enum VmmOp {
     },
     /// fallocate(PUNCH_HOLE) on guest_memfd over `[gfn, gfn + npages)`.
     PunchHole { gfn: Gfn, npages: u64 },
+    /// fallocate(KEEP_SIZE) (allocate) on guest_memfd over `[gfn, gfn + npages)`.
+    Allocate { gfn: Gfn, npages: u64 },
     /// KVM_PRE_FAULT_MEMORY on a vCPU, retried while it returns -EAGAIN; `shared` passes the
     /// shared alias of the range (a TD's aliases are refused with -EINVAL).
     Prefault {

@@ -138,6 +138,7 @@ fn vmm_op(op: &VmmOp) -> String {
             hex(off)
         ),
         VmmOp::PunchHole { gfn, npages } => format!("punch_hole {} {npages}", hex(gfn.raw())),
+        VmmOp::Allocate { gfn, npages } => format!("allocate {} {npages}", hex(gfn.raw())),
         VmmOp::Prefault {
             vcpu,
             gfn,
@@ -354,6 +355,10 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
             let gfn = l.gfn(1)?;
             (VmmOp::PunchHole { gfn, npages: l.npages(2, gfn)? }, 3)
         }
+        "allocate" => {
+            let gfn = l.gfn(1)?;
+            (VmmOp::Allocate { gfn, npages: l.npages(2, gfn)? }, 3)
+        }
         "prefault" => {
             let vcpu = l.vcpu(1, vcpus)?;
             let gfn = l.gfn(2)?;
@@ -423,7 +428,7 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
             return Err(l.err(
                 c,
                 format!(
-                    "unknown VMM op `{other}` (expected convert, delete_slot, create_slot, punch_hole, prefault, \
+                    "unknown VMM op `{other}` (expected convert, delete_slot, create_slot, punch_hole, allocate, prefault, \
                      init_vm, create_vcpu, init_vcpu, init_mem_region, finalize, signal, interrupt, zap_all_fast, close_gmem, zero_step, alloc_fail, inject_busy, inject_skip_convert_zap, inject_skip_in_guest_mode, \
                      inject_truncate_without_free or destroy)"
                 ),
