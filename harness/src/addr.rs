@@ -130,6 +130,10 @@ impl Hva {
     pub const fn add_pages(self, n: u64) -> Hva {
         Hva(self.0 + (n << PAGE_SHIFT))
     }
+    /// Distance in pages from `base` (which must not be above `self`).
+    pub const fn pages_from(self, base: Hva) -> u64 {
+        (self.0 - base.0) >> PAGE_SHIFT
+    }
     /// The start of its 4 KiB page.
     pub const fn page_base(self) -> Hva {
         Hva(self.0 & !(PAGE_SIZE - 1))

@@ -199,6 +199,11 @@ async fn vmm_op(
             kvm.kvm_gmem_punch_hole(cx, file, crate::ids::PgOff(gfn.raw()), npages)
                 .await
         }
+        VmmOp::DontNeed { gfn, npages } => {
+            let hva = crate::vmm::GUEST_RAM_HVA.add_pages(gfn.raw());
+            kvm.kvm_mmu_notifier_invalidate_range(cx, hva, npages).await;
+            Ok(())
+        }
         VmmOp::Allocate { gfn, npages } => {
             let file = crate::ids::GmemId(0);
             kvm.kvm_gmem_allocate(cx, file, crate::ids::PgOff(gfn.raw()), npages)
@@ -323,6 +328,10 @@ async fn vmm_op(
         }
         VmmOp::InjectSkipConvertZap => {
             kvm.st.borrow_mut().injected.skip_convert_zap = true;
+            Ok(())
+        }
+        VmmOp::InjectNotifierWithoutZap => {
+            kvm.st.borrow_mut().injected.skip_notifier_zap = true;
             Ok(())
         }
         VmmOp::InjectTruncateWithoutFree => {

@@ -62,6 +62,11 @@ pub fn check(kvm: &Kvm) -> Vec<String> {
             }
             Ev::Mem(MemEvent::PunchedHole { start, end }) => discard(&mut pages, start, end),
             Ev::Mem(MemEvent::SlotDeleted { start, end }) => discard(&mut pages, start, end),
+            Ev::Mem(MemEvent::SharedDropped { start, end }) => {
+                for p in pages.range_mut(start..end).map(|(_, p)| p) {
+                    p.shared = 0;
+                }
+            }
             Ev::Mem(MemEvent::Added { gfn, content }) => {
                 let p = pages.entry(gfn).or_default();
                 p.accepted = true;

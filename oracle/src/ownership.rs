@@ -87,7 +87,8 @@ fn expected_owners(kvm: &Kvm, host: &Host) -> BTreeMap<Pfn, Owner> {
 /// teardown, or never if the VM lives on. Deliberately leaked pages are exempt.
 pub fn unreachable(kvm: &Kvm, host: &Host) -> Vec<String> {
     let held = expected_owners(kvm, host);
-    host.ledger
+    let mut bad: Vec<String> = host
+        .ledger
         .iter()
         .filter(|(_, e)| !matches!(e.owner, Owner::Free | Owner::Leaked(_)))
         .filter(|(p, e)| held.get(p) != Some(&e.owner))
@@ -95,5 +96,37 @@ pub fn unreachable(kvm: &Kvm, host: &Host) -> Vec<String> {
             Some(o) => format!("{p} is {:?} in the ledger but held as {o:?}", e.owner),
             None => format!("{p} leaked: {:?} and nothing live holds it", e.owner),
         })
-        .collect()
+        .collect();
+    bad.extend(mapped_but_not_held(kvm, &held));
+    bad
+}
+
+/// Leaf SPTEs whose page is not what the mapping needs: a shared (direct-root) leaf maps one
+/// of the VMM's pages, a private (mirror) leaf one of a guest_memfd's. Anything else is KVM
+/// mapping a page it no longer has a right to (freed by the mm, punched, reused).
+fn mapped_but_not_held(kvm: &Kvm, held: &BTreeMap<Pfn, Owner>) -> Vec<String> {
+    let st = kvm.st.borrow();
+    let mut bad = Vec::new();
+    for sp in st.mmu.sps.values() {
+        for (&i, &spte) in &sp.sptes {
+            if !spte.is_present() || !spte.is_leaf() {
+                continue;
+            }
+            let p = spte.pfn();
+            let ok = match held.get(&p) {
+                Some(Owner::Kernel(KernelUse::UserMemory)) => !sp.mirror,
+                Some(Owner::GuestMemfd { .. }) => sp.mirror,
+                _ => false,
+            };
+            if !ok {
+                let root = if sp.mirror { "mirror" } else { "direct" };
+                bad.push(format!(
+                    "a {root} leaf at {} entry {i} maps {p}, held as {:?}",
+                    sp.base,
+                    held.get(&p)
+                ));
+            }
+        }
+    }
+    bad
 }

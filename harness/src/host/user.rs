@@ -40,6 +40,17 @@ impl UserMemory {
 }
 
 impl Host {
+    /// The mm drops the VMM's pages of `[start, start + npages)` pages (madvise(MADV_DONTNEED)):
+    /// each backed one goes back to the allocator, recorded at `step`.
+    pub fn drop_user_pages(&mut self, step: u64, start: Hva, npages: u64) {
+        for i in 0..npages {
+            if let Some(p) = self.user.pages.remove(&start.add_pages(i).page_base()) {
+                let r = self.ledger.free(p);
+                self.record(step, r);
+            }
+        }
+    }
+
     /// `hva_to_pfn` through `handle_mm_fault` on the VMM's anonymous mapping: the page behind
     /// `hva`, allocated and zeroed on first touch.
     pub fn user_page(&mut self, hva: Hva) -> Result<Pfn, LedgerError> {

@@ -12,6 +12,7 @@ pub mod attributes;
 pub mod guest_memfd;
 pub mod memslots;
 pub mod mmu;
+pub mod mmu_notifier;
 pub mod requests;
 pub mod teardown;
 pub mod vmx;
@@ -131,6 +132,8 @@ pub enum MemEvent {
     PunchedHole { start: Gfn, end: Gfn },
     /// The memslot over `[start, end)` is gone.
     SlotDeleted { start: Gfn, end: Gfn },
+    /// The mm dropped the VMM's pages behind the shared gfns `[start, end)`: they read zero.
+    SharedDropped { start: Gfn, end: Gfn },
     /// KVM_TDX_INIT_MEM_REGION added `gfn` with `content` (TDH.MEM.PAGE.ADD): the guest
     /// finds it accepted.
     Added { gfn: Gfn, content: u64 },
@@ -146,6 +149,8 @@ pub struct KvmInjected {
     /// Truncating a guest_memfd range drops its pages from the page cache without freeing
     /// them (a lost `folio_put`).
     pub truncate_without_free: bool,
+    /// The MMU notifier's invalidation skips zapping the shared mappings.
+    pub skip_notifier_zap: bool,
 }
 
 /// One vCPU (`struct kvm_vcpu` + `struct vcpu_tdx`).

@@ -52,6 +52,8 @@ enum RawVmm {
     InjectBusy(u8, u8),
     /// fallocate allocate: (gfn index, length byte)
     Allocate(u8, u8),
+    /// madvise(MADV_DONTNEED) of the VMM's memory: (gfn index, length byte)
+    DontNeed(u8, u8),
 }
 
 /// Regions a VMM splits guest memory into: (first gfn, pages). Each holds some of `GFNS`.
@@ -272,6 +274,10 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
         RawVmm::CreateSlot => VmmOp::CreateSlot,
         // A few failures: enough to hit a topup or a guest_memfd allocation, not the whole run.
         RawVmm::AllocFail(n) => VmmOp::AllocFail { n: 1 + n % 4 },
+        RawVmm::DontNeed(g, len) => VmmOp::DontNeed {
+            gfn: gfn(g),
+            npages: npages(len),
+        },
         RawVmm::Allocate(g, len) => VmmOp::Allocate {
             gfn: gfn(g),
             npages: npages(len),

@@ -43,6 +43,9 @@ pub enum VmmOp {
     PunchHole { gfn: Gfn, npages: u64 },
     /// fallocate(KEEP_SIZE) (allocate) on guest_memfd over `[gfn, gfn + npages)`.
     Allocate { gfn: Gfn, npages: u64 },
+    /// madvise(MADV_DONTNEED) of the VMM's guest RAM behind `[gfn, gfn + npages)`: the MMU
+    /// notifier zaps the shared mappings, the pages are freed.
+    DontNeed { gfn: Gfn, npages: u64 },
     /// KVM_PRE_FAULT_MEMORY on a vCPU, retried while it returns -EAGAIN; `shared` passes the
     /// shared alias of the range (a TD's aliases are refused with -EINVAL).
     Prefault {
@@ -86,6 +89,8 @@ pub enum VmmOp {
     InjectSkipInGuestMode,
     /// Fault injection (a kernel bug): truncating guest_memfd pages leaks them.
     InjectTruncateWithoutFree,
+    /// Fault injection (a kernel bug): the MMU notifier does not zap shared mappings.
+    InjectNotifierWithoutZap,
     /// Stop the vCPUs and destroy the VM (waits for every vCPU thread first).
     Destroy,
 }
@@ -99,6 +104,7 @@ impl VmmOp {
             VmmOp::InjectSkipConvertZap
                 | VmmOp::InjectSkipInGuestMode
                 | VmmOp::InjectTruncateWithoutFree
+                | VmmOp::InjectNotifierWithoutZap
         )
     }
 

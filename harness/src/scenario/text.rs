@@ -139,6 +139,7 @@ fn vmm_op(op: &VmmOp) -> String {
         ),
         VmmOp::PunchHole { gfn, npages } => format!("punch_hole {} {npages}", hex(gfn.raw())),
         VmmOp::Allocate { gfn, npages } => format!("allocate {} {npages}", hex(gfn.raw())),
+        VmmOp::DontNeed { gfn, npages } => format!("dontneed {} {npages}", hex(gfn.raw())),
         VmmOp::Prefault {
             vcpu,
             gfn,
@@ -168,6 +169,7 @@ fn vmm_op(op: &VmmOp) -> String {
         VmmOp::InjectSkipConvertZap => "inject_skip_convert_zap".into(),
         VmmOp::InjectSkipInGuestMode => "inject_skip_in_guest_mode".into(),
         VmmOp::InjectTruncateWithoutFree => "inject_truncate_without_free".into(),
+        VmmOp::InjectNotifierWithoutZap => "inject_notifier_without_zap".into(),
         VmmOp::Destroy => "destroy".into(),
     }
 }
@@ -355,6 +357,10 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
             let gfn = l.gfn(1)?;
             (VmmOp::PunchHole { gfn, npages: l.npages(2, gfn)? }, 3)
         }
+        "dontneed" => {
+            let gfn = l.gfn(1)?;
+            (VmmOp::DontNeed { gfn, npages: l.npages(2, gfn)? }, 3)
+        }
         "allocate" => {
             let gfn = l.gfn(1)?;
             (VmmOp::Allocate { gfn, npages: l.npages(2, gfn)? }, 3)
@@ -423,14 +429,15 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
         "inject_skip_convert_zap" => (VmmOp::InjectSkipConvertZap, 1),
         "inject_skip_in_guest_mode" => (VmmOp::InjectSkipInGuestMode, 1),
         "inject_truncate_without_free" => (VmmOp::InjectTruncateWithoutFree, 1),
+        "inject_notifier_without_zap" => (VmmOp::InjectNotifierWithoutZap, 1),
         "destroy" => (VmmOp::Destroy, 1),
         other => {
             return Err(l.err(
                 c,
                 format!(
-                    "unknown VMM op `{other}` (expected convert, delete_slot, create_slot, punch_hole, allocate, prefault, \
+                    "unknown VMM op `{other}` (expected convert, delete_slot, create_slot, punch_hole, allocate, dontneed, prefault, \
                      init_vm, create_vcpu, init_vcpu, init_mem_region, finalize, signal, interrupt, zap_all_fast, close_gmem, zero_step, alloc_fail, inject_busy, inject_skip_convert_zap, inject_skip_in_guest_mode, \
-                     inject_truncate_without_free or destroy)"
+                     inject_truncate_without_free, inject_notifier_without_zap or destroy)"
                 ),
             ))
         }
