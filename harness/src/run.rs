@@ -277,22 +277,7 @@ async fn vmm_op(
             kvm.kvm_mmu_zap_all_fast(cx).await;
             Ok(())
         }
-        VmmOp::CloseGmem => {
-            let file = crate::ids::GmemId(0);
-            if kvm
-                .st
-                .borrow()
-                .gmem
-                .files
-                .get(&file)
-                .is_none_or(|f| f.closed)
-            {
-                // close() of an fd that is already closed.
-                return Err(Errno::EBADF);
-            }
-            kvm.kvm_gmem_release(cx, file).await;
-            Ok(())
-        }
+        VmmOp::CloseGmem => kvm.gmem_close(cx, crate::ids::GmemId(0)).await,
         VmmOp::ZeroStep { vcpu, gfn } => {
             // The module logs only GPAs the instruction at RIP took hardware EPT violations on
             // (td_exit_epf_stepping_log, called from td_ept_violation.c): inject only when the

@@ -24,6 +24,11 @@ pub struct Gmem {
     /// The last reference to the file was put (`kvm_gmem_release` ran): no new faults, binds
     /// or punch-holes reach it.
     pub closed: bool,
+    /// The VMM closed its (only) fd of the file.
+    pub fd_closed: bool,
+    /// References syscalls in flight on the fd hold (`fdget` in fallocate): the release
+    /// waits for the last one.
+    pub refs: u32,
 }
 
 /// Every guest_memfd file of the VM.
@@ -227,13 +232,23 @@ impl Kvm {
         start: PgOff,
         npages: u64,
     ) -> KvmResult<()> {
+        self.gmem_fdget(file)?;
+        let r = self.punch_hole_fd_held(cx, file, start, npages).await;
+        self.gmem_fdput(cx, file).await;
+        r
+    }
+
+    /// `kvm_gmem_punch_hole` with the fd's reference held.
+    async fn punch_hole_fd_held(
+        &self,
+        cx: &Ctx,
+        file: GmemId,
+        start: PgOff,
+        npages: u64,
+    ) -> KvmResult<()> {
         let Some(lock) = self.gmem_invalidate_lock(cx, file) else {
             return Err(Errno::EINVAL);
         };
-        if self.st.borrow().gmem.files[&file].closed {
-            // No file descriptor is left to fallocate on.
-            return Err(Errno::EBADF);
-        }
         let end = PgOff(start.0.saturating_add(npages));
         lock.lock(cx).await;
         let bindings = self.gmem_bindings(file, start, end);
@@ -277,17 +292,24 @@ impl Kvm {
         start: PgOff,
         npages: u64,
     ) -> KvmResult<()> {
+        self.gmem_fdget(file)?;
+        let r = self.allocate_fd_held(cx, file, start, npages).await;
+        self.gmem_fdput(cx, file).await;
+        r
+    }
+
+    /// `kvm_gmem_allocate` with the fd's reference held.
+    async fn allocate_fd_held(
+        &self,
+        cx: &Ctx,
+        file: GmemId,
+        start: PgOff,
+        npages: u64,
+    ) -> KvmResult<()> {
         let Some(lock) = self.gmem_invalidate_lock(cx, file) else {
             return Err(Errno::EINVAL);
         };
-        let (closed, size) = {
-            let st = self.st.borrow();
-            let f = &st.gmem.files[&file];
-            (f.closed, f.npages)
-        };
-        if closed {
-            return Err(Errno::EBADF);
-        }
+        let size = self.st.borrow().gmem.files[&file].npages;
         let end = start.0.saturating_add(npages);
         if end > size {
             return Err(Errno::EINVAL);
@@ -316,6 +338,48 @@ impl Kvm {
         }
         lock.unlock(cx).await;
         r
+    }
+
+    /// `fdget` of the VMM's fd of `file` for a syscall: -EBADF once it was closed.
+    pub fn gmem_fdget(&self, file: GmemId) -> KvmResult<()> {
+        let mut st = self.st.borrow_mut();
+        let f = st.gmem.files.get_mut(&file).ok_or(Errno::EBADF)?;
+        if f.fd_closed {
+            return Err(Errno::EBADF);
+        }
+        f.refs += 1;
+        Ok(())
+    }
+
+    /// `fdput` after the syscall: the last reference of a closed fd releases the file.
+    pub async fn gmem_fdput(&self, cx: &Ctx, file: GmemId) {
+        let last = {
+            let mut st = self.st.borrow_mut();
+            let f = st.gmem.files.get_mut(&file).expect("file");
+            f.refs -= 1;
+            f.refs == 0 && f.fd_closed
+        };
+        if last {
+            self.kvm_gmem_release(cx, file).await;
+        }
+    }
+
+    /// close() of the VMM's fd of `file`: -EBADF if it is closed already; the file is released
+    /// now, or by the last syscall still using it.
+    pub async fn gmem_close(&self, cx: &Ctx, file: GmemId) -> KvmResult<()> {
+        let now = {
+            let mut st = self.st.borrow_mut();
+            let f = st.gmem.files.get_mut(&file).ok_or(Errno::EBADF)?;
+            if f.fd_closed {
+                return Err(Errno::EBADF);
+            }
+            f.fd_closed = true;
+            f.refs == 0
+        };
+        if now {
+            self.kvm_gmem_release(cx, file).await;
+        }
+        Ok(())
     }
 
     /// `kvm_gmem_release` (the last fput of the file): under slots_lock and the invalidate

@@ -139,9 +139,10 @@ impl Kvm {
             return Err(Errno::EEXIST);
         }
         if let Some((file, off)) = gmem {
-            // kvm_gmem_bind: fget() of a closed fd fails.
+            // kvm_gmem_bind: fget() of a closed fd fails; a file whose release is still
+            // waiting for a syscall is not bound either (its bindings are about to go).
             let f = st.gmem.files.get(&file).ok_or(Errno::EINVAL)?;
-            if f.closed {
+            if f.fd_closed || f.closed {
                 return Err(Errno::EBADF);
             }
             if off.0 + npages > f.npages {
