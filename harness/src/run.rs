@@ -167,10 +167,19 @@ async fn vmm_op(
             }
         }
         VmmOp::CreateSlotAt {
+            dirty_log: true, ..
+        } => {
+            // check_memory_region_flags: "Dirty logging private memory is not currently
+            // supported" (after the dead-VM check of kvm_vm_ioctl).
+            kvm.vm_ioctl_gate()?;
+            Err(Errno::EINVAL)
+        }
+        VmmOp::CreateSlotAt {
             slot,
             gfn,
             npages,
             off,
+            dirty_log: false,
         } => {
             kvm.create_memslot(
                 cx,

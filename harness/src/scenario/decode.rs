@@ -305,6 +305,7 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
                 gfn: Gfn::new(g),
                 npages: n,
                 off,
+                dirty_log: r & 0x20 != 0 && s & 0x80 != 0,
             }
         }
     }

@@ -33,11 +33,15 @@ pub enum VmmOp {
     CreateSlot,
     /// KVM_SET_USER_MEMORY_REGION2 creating slot `slot` over `[gfn, gfn + npages)`, bound to
     /// guest_memfd 0 at page offset `off` (the VMM's RAM stays mapped at the gfn's address).
+    /// With `dirty_log`, the request also sets KVM_MEM_LOG_DIRTY_PAGES (refused for a
+    /// guest_memfd slot). On an existing slot id it is a modify (move or flags change), which
+    /// upstream refuses for guest_memfd slots ("private memslots are immutable").
     CreateSlotAt {
         slot: u8,
         gfn: Gfn,
         npages: u64,
         off: u64,
+        dirty_log: bool,
     },
     /// fallocate(PUNCH_HOLE) on guest_memfd over `[gfn, gfn + npages)`.
     PunchHole { gfn: Gfn, npages: u64 },

@@ -132,10 +132,12 @@ fn vmm_op(op: &VmmOp) -> String {
             gfn,
             npages,
             off,
+            dirty_log,
         } => format!(
-            "create_slot {slot} {} {npages} {}",
+            "create_slot {slot} {} {npages} {}{}",
             hex(gfn.raw()),
-            hex(off)
+            hex(off),
+            if dirty_log { " dirty_log" } else { "" }
         ),
         VmmOp::PunchHole { gfn, npages } => format!("punch_hole {} {npages}", hex(gfn.raw())),
         VmmOp::Allocate { gfn, npages } => format!("allocate {} {npages}", hex(gfn.raw())),
@@ -343,14 +345,25 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
                 ));
             }
             let off = l.num(4, "a guest_memfd page offset", MAX_GFN)?;
+            let dirty_log = match l.toks.get(5) {
+                None => false,
+                Some((_, "dirty_log")) => true,
+                Some((c, t)) => {
+                    return Err(l.err(
+                        *c,
+                        format!("expected `dirty_log` or the end of the line, found `{t}`"),
+                    ))
+                }
+            };
             (
                 VmmOp::CreateSlotAt {
                     slot,
                     gfn,
                     npages,
                     off,
+                    dirty_log,
                 },
-                5,
+                5 + usize::from(dirty_log),
             )
         }
         "punch_hole" => {
