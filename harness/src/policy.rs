@@ -58,6 +58,9 @@ pub struct Policy {
     /// for write, as `tdx_td_vcpu_init` does TDH.VP.INIT (both take the TDR exclusively);
     /// upstream (false) holds only the VM-state locks, so a zap under mmu_lock can interleave.
     pub finalize_holds_mmu_lock: bool,
+    /// `kvm_vm_dead` makes KVM_REQ_VM_DEAD (waiting) so that vCPUs in KVM_RUN stop entering;
+    /// false marks the VM dead only, as before the request existed (0b8f11737cff, 5.15).
+    pub vm_dead_makes_request: bool,
 }
 
 impl Policy {
@@ -79,6 +82,7 @@ impl Policy {
         vm_ioctls_check_dead: true,
         busy_any_operand: true,
         finalize_holds_mmu_lock: false,
+        vm_dead_makes_request: true,
     };
 
     /// The kernels from 6.15 (20a6cff3: `kvm_mmu_reload` frees obsolete roots) to 7.2: the
@@ -92,7 +96,7 @@ impl Policy {
 
     /// Every named policy with the invariant it is expected to break (`none` for a correct
     /// alternative measured for cost).
-    pub const ALL: [(Policy, &'static str); 18] = [
+    pub const ALL: [(Policy, &'static str); 19] = [
         (Policy::UPSTREAM, "none"),
         (
             Policy {
@@ -157,6 +161,14 @@ impl Policy {
                 ..Policy::UPSTREAM
             },
             "must_not_fail",
+        ),
+        (
+            Policy {
+                name: "vm_dead_without_request",
+                vm_dead_makes_request: false,
+                ..Policy::UPSTREAM
+            },
+            "state_machine",
         ),
         (
             Policy {

@@ -220,6 +220,8 @@ pub struct KvmState {
     /// The step at which `kvm_vm_dead` had made KVM_REQ_VM_DEAD and every vCPU had left guest
     /// mode: from then on every VM and vCPU ioctl must answer -EIO.
     pub dead_since: Option<u64>,
+    /// TDH.VP.ENTERs issued after `dead_since`, as (step, vCPU): a dead VM's guest runs again.
+    pub entered_after_dead: Vec<(u64, usize)>,
     pub bugs: Vec<BugReport>,
     /// Guest-visible memory events with their steps.
     pub mem_log: Vec<(u64, MemEvent)>,
@@ -279,6 +281,7 @@ impl Kvm {
                 },
                 vcpus: Vec::new(),
                 created_vcpus: 0,
+                entered_after_dead: Vec::new(),
                 max_vcpus: u32::from(crate::scenario::MAX_VCPUS),
                 hypercall_exit_enabled: 0,
                 killed_by_guest: false,
@@ -341,7 +344,9 @@ impl Kvm {
     /// the caller kicks the vCPUs in guest mode and waits until each has left it.
     pub async fn vm_dead(&self, cx: &Ctx) {
         self.st.borrow_mut().dead = true;
-        self.make_all_cpus_request(cx, Request::VmDead).await;
+        if self.policy.vm_dead_makes_request {
+            self.make_all_cpus_request(cx, Request::VmDead).await;
+        }
         let mut st = self.st.borrow_mut();
         st.dead_since.get_or_insert(cx.step());
     }

@@ -683,7 +683,11 @@ impl Kvm {
             return TdExit::FastpathHandled;
         }
         let (lp, tdvpr, rip) = {
-            let st = self.st.borrow();
+            let mut st = self.st.borrow_mut();
+            if st.dead_since.is_some() {
+                let step = cx.step();
+                st.entered_after_dead.push((step, v));
+            }
             let vc = &st.vcpus[v];
             (vc.lp, vc.tdvpr.expect("initialized vCPU"), vc.guest.rip())
         };
