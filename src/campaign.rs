@@ -16,6 +16,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use oracle::known::Known;
 use oracle::Violation;
 
+use harness::kvm::KernelBug;
 use harness::policy::Policy;
 
 use crate::Target;
@@ -27,13 +28,18 @@ pub enum Stop {
     Runs(u64),
 }
 
-fn exec(target: Target, policy: Policy, data: &[u8]) -> Option<Violation> {
-    oracle::harness_bug::catch(|| exec_target(target, policy, data))
+fn exec(target: Target, policy: Policy, bug: Option<KernelBug>, data: &[u8]) -> Option<Violation> {
+    oracle::harness_bug::catch(|| exec_target(target, policy, bug, data))
 }
 
-fn exec_target(target: Target, policy: Policy, data: &[u8]) -> Option<Violation> {
+fn exec_target(
+    target: Target,
+    policy: Policy,
+    bug: Option<KernelBug>,
+    data: &[u8],
+) -> Option<Violation> {
     match target {
-        Target::Stack => oracle::targets::stack(policy, data),
+        Target::Stack => oracle::targets::stack_with_bug(policy, bug, data),
         Target::TdxModule => {
             let bad = oracle::targets::tdx_module(data);
             (!bad.is_empty()).then(|| oracle::targets::module_violation(&bad))
@@ -80,9 +86,11 @@ pub struct Found {
 }
 
 /// Runs the campaign. `known` is the directory of known inputs (stack target only).
+#[allow(clippy::too_many_arguments)]
 pub fn run(
     target: Target,
     policy: Policy,
+    kernel_bug: Option<KernelBug>,
     stop: Stop,
     seed: u64,
     artifacts: &Path,
@@ -120,7 +128,7 @@ pub fn run(
         let len = rng.below(256) as usize;
         buf.extend((0..len).map(|_| rng.next_u64() as u8));
         execs += 1;
-        if let Some(v) = exec(target, policy, &buf) {
+        if let Some(v) = exec(target, policy, kernel_bug, &buf) {
             if buckets.add(&v, &buf) {
                 let base = dir.join(v.signature_hash());
                 fs::write(base.with_extension("bin"), &buf)?;

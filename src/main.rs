@@ -78,6 +78,11 @@ enum Cmd {
         /// known, not as new. Default: corpus/known here, else the source tree's.
         #[arg(long)]
         known: Option<PathBuf>,
+        /// Switch on an injected kernel bug in every run (skip_convert_zap,
+        /// skip_in_guest_mode, truncate_without_free, notifier_without_zap), to measure how
+        /// fast the campaign finds what it breaks.
+        #[arg(long, value_parser = parse_kernel_bug)]
+        kernel_bug: Option<harness::kvm::KernelBug>,
     },
     /// Prints throughput figures.
     Bench {
@@ -183,6 +188,7 @@ fn real_main() -> Result<ExitCode> {
             seed,
             artifacts,
             known,
+            kernel_bug,
         } => {
             let stop = match (seconds, runs) {
                 (_, Some(r)) => campaign::Stop::Runs(r),
@@ -193,6 +199,7 @@ fn real_main() -> Result<ExitCode> {
             let found = campaign::run(
                 target,
                 policy(&p)?,
+                kernel_bug,
                 stop,
                 seed,
                 &artifacts,
@@ -275,4 +282,17 @@ fn run_files(files: &[PathBuf], policy: Policy, trace: bool) -> Result<ExitCode>
         }
     }
     Ok(ExitCode::from(code))
+}
+
+fn parse_kernel_bug(s: &str) -> Result<harness::kvm::KernelBug, String> {
+    harness::kvm::KernelBug::from_name(s).ok_or_else(|| {
+        let names: Vec<&str> = harness::kvm::KernelBug::ALL
+            .iter()
+            .map(|b| b.name())
+            .collect();
+        format!(
+            "unknown kernel bug `{s}` (expected one of {})",
+            names.join(", ")
+        )
+    })
 }

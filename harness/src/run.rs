@@ -7,7 +7,7 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use crate::guest::{GuestOp, GuestProgram};
-use crate::kvm::{Errno, GuestMode, Kvm};
+use crate::kvm::{Errno, GuestMode, KernelBug, Kvm};
 use crate::policy::Policy;
 use crate::scenario::{
     DirUntil, GuestStep, Scenario, Schedule, TaskName, TaskOps, TdConfig, VmmOp,
@@ -29,6 +29,8 @@ pub struct RunConfig {
     /// Further steps under a fair schedule for the work still pending.
     pub liveness_budget: u64,
     pub host_pages: usize,
+    /// A kernel bug switched on before the run starts (`tdxfuzz fuzz --kernel-bug`).
+    pub kernel_bug: Option<KernelBug>,
 }
 
 impl RunConfig {
@@ -47,6 +49,7 @@ impl RunConfig {
             ops_budget: 20_000,
             liveness_budget: 40_000 + 64 * side_pages,
             host_pages: 700 + side_pages as usize,
+            kernel_bug: None,
         }
     }
 }
@@ -121,6 +124,12 @@ fn guest_program(ops: &[GuestStep]) -> GuestProgram {
             })
             .collect(),
     )
+}
+
+/// An `inject_*` op: the kernel bug is on from now.
+fn arm(kvm: &Kvm, bug: KernelBug) -> Result<(), Errno> {
+    bug.arm(&mut kvm.st.borrow_mut().injected);
+    Ok(())
 }
 
 /// Marks a vCPU signalled or interrupted and kicks it out of guest mode (`kvm_vcpu_kick`).
@@ -320,22 +329,10 @@ async fn vmm_op(
             kvm.module.inject(|i| i.busy.arm(leaf, operand));
             Ok(())
         }
-        VmmOp::InjectSkipConvertZap => {
-            kvm.st.borrow_mut().injected.skip_convert_zap = true;
-            Ok(())
-        }
-        VmmOp::InjectNotifierWithoutZap => {
-            kvm.st.borrow_mut().injected.skip_notifier_zap = true;
-            Ok(())
-        }
-        VmmOp::InjectTruncateWithoutFree => {
-            kvm.st.borrow_mut().injected.truncate_without_free = true;
-            Ok(())
-        }
-        VmmOp::InjectSkipInGuestMode => {
-            kvm.st.borrow_mut().injected.skip_in_guest_mode = true;
-            Ok(())
-        }
+        VmmOp::InjectNotifierWithoutZap => arm(kvm, KernelBug::NotifierWithoutZap),
+        VmmOp::InjectTruncateWithoutFree => arm(kvm, KernelBug::TruncateWithoutFree),
+        VmmOp::InjectSkipConvertZap => arm(kvm, KernelBug::SkipConvertZap),
+        VmmOp::InjectSkipInGuestMode => arm(kvm, KernelBug::SkipInGuestMode),
         VmmOp::Destroy => {
             // The caller has waited for every vCPU and VMM thread (`destroy_when_last`).
             kvm.destroy_vm(cx).await;
@@ -401,6 +398,9 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
     } else {
         stack.kvm.st.borrow_mut().max_vcpus = u32::from(max_vcpus);
         stack.build_configured(sc.vcpus, &sc.init_pages, sc.td.attributes());
+    }
+    if let Some(bug) = cfg.kernel_bug {
+        bug.arm(&mut stack.kvm.st.borrow_mut().injected);
     }
     let cx = stack.cx.clone();
     // `build ops`: the vCPU threads wait until KVM_TDX_FINALIZE_VM succeeded or every VMM

@@ -58,7 +58,7 @@ pub fn check(kvm: &Kvm, seen: &mut Seen, destroyed: bool) -> Vec<String> {
     // Once every vCPU has left guest mode with KVM_REQ_VM_DEAD pending, none may enter again.
     if let (Some(&(step, v)), Some(dead)) = (st.entered_after_dead.first(), st.dead_since) {
         bad.push(format!(
-            "vcpu{v} entered the TD at step {step}, after the VM died at step {dead}"
+            "vCPU {v} entered the TD at step {step}, after the VM died at step {dead}"
         ));
     }
     for v in &st.vcpus {

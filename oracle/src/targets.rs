@@ -130,8 +130,18 @@ pub fn module_violation(bad: &[String]) -> Violation {
 
 /// The whole stack: bytes -> scenario -> run under `policy` -> first violation.
 pub fn stack(policy: harness::policy::Policy, data: &[u8]) -> Option<Violation> {
+    stack_with_bug(policy, None, data)
+}
+
+/// `stack` with a kernel bug switched on for every run.
+pub fn stack_with_bug(
+    policy: harness::policy::Policy,
+    kernel_bug: Option<harness::kvm::KernelBug>,
+    data: &[u8],
+) -> Option<Violation> {
     let sc = harness::scenario::decode::decode(data);
-    let cfg = harness::run::RunConfig::new(policy, TraceMode::Ring(crate::liveness::RECENT));
+    let mut cfg = harness::run::RunConfig::new(policy, TraceMode::Ring(crate::liveness::RECENT));
+    cfg.kernel_bug = kernel_bug;
     crate::check::run_scenario(&sc, &cfg).violation
 }
 

@@ -153,6 +153,50 @@ pub struct KvmInjected {
     pub skip_notifier_zap: bool,
 }
 
+/// The kernel bugs `KvmInjected` can switch on, by name: for the oracle's evidence scenarios
+/// (`inject_*` ops) and for campaigns that measure how fast a check finds one
+/// (`tdxfuzz fuzz --kernel-bug`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelBug {
+    SkipConvertZap,
+    SkipInGuestMode,
+    TruncateWithoutFree,
+    NotifierWithoutZap,
+}
+
+impl KernelBug {
+    pub const ALL: [KernelBug; 4] = [
+        KernelBug::SkipConvertZap,
+        KernelBug::SkipInGuestMode,
+        KernelBug::TruncateWithoutFree,
+        KernelBug::NotifierWithoutZap,
+    ];
+
+    /// The name on the command line (the `inject_*` op without its prefix).
+    pub const fn name(self) -> &'static str {
+        match self {
+            KernelBug::SkipConvertZap => "skip_convert_zap",
+            KernelBug::SkipInGuestMode => "skip_in_guest_mode",
+            KernelBug::TruncateWithoutFree => "truncate_without_free",
+            KernelBug::NotifierWithoutZap => "notifier_without_zap",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<KernelBug> {
+        KernelBug::ALL.into_iter().find(|b| b.name() == s)
+    }
+
+    /// Switches the bug on.
+    pub fn arm(self, i: &mut KvmInjected) {
+        match self {
+            KernelBug::SkipConvertZap => i.skip_convert_zap = true,
+            KernelBug::SkipInGuestMode => i.skip_in_guest_mode = true,
+            KernelBug::TruncateWithoutFree => i.truncate_without_free = true,
+            KernelBug::NotifierWithoutZap => i.skip_notifier_zap = true,
+        }
+    }
+}
+
 /// One vCPU (`struct kvm_vcpu` + `struct vcpu_tdx`).
 #[derive(Clone, Debug)]
 pub struct Vcpu {
