@@ -153,8 +153,10 @@ impl Kvm {
                     g == file && o.0 < off.0 + npages && off.0 < o.0 + s.npages
                 })
             });
+            // The newest kvm_gmem_bind (linux-mm @ 2da00299) answers -EEXIST; older trees
+            // answered -EINVAL.
             if overlaps {
-                return Err(Errno::EINVAL);
+                return Err(Errno::EEXIST);
             }
         }
         st.memslots.slots.push(Memslot {
