@@ -11,6 +11,23 @@ use oracle::ViolationKind;
 
 const FILE: &str = "upstream--finding-fast-zap-vs-ept-loop-signalled-late.tdx";
 
+/// Runs `sc` without the oracle; returns the run and the most iterations any retry loop
+/// reached.
+fn run_watching_retries(
+    sc: &harness::scenario::Scenario,
+    cfg: &RunConfig,
+) -> (harness::run::Run, u32) {
+    let mut run = prepare(sc, cfg);
+    let cx = run.stack.cx.clone();
+    let mut longest = 0;
+    run.execute(&mut |_| {
+        let now = cx.retrying().iter().map(|(_, _, n)| *n).max().unwrap_or(0);
+        longest = longest.max(now);
+        true
+    });
+    (run, longest)
+}
+
 fn scenario() -> harness::scenario::Scenario {
     let path = format!(
         "{}/../corpus/regressions/{FILE}",
@@ -24,19 +41,7 @@ fn the_watchdog_reports_a_spin_that_a_late_signal_would_end() {
     let sc = scenario();
     let cfg = RunConfig::new(Policy::UPSTREAM, TraceMode::Ring(32));
     // Without the oracle the run finishes: the signal ends the loop, the guest completes.
-    let mut run = prepare(&sc, &cfg);
-    let cx = run.stack.cx.clone();
-    let mut longest = 0;
-    run.execute(&mut |_| {
-        longest = cx
-            .retrying()
-            .iter()
-            .map(|(_, _, n)| *n)
-            .max()
-            .unwrap_or(0)
-            .max(longest);
-        true
-    });
+    let (run, longest) = run_watching_retries(&sc, &cfg);
     assert_eq!(run.outcome, Outcome::AllDone);
     assert!(longest > SOFT_LOCKUP_RETRIES, "spun {longest} times");
     // With it, the spin is a liveness violation named after the loop.
@@ -61,19 +66,8 @@ fn clean_upstream_runs_retry_a_handful_of_times() {
             continue;
         }
         let sc = parse(&text).unwrap();
-        let mut run = prepare(&sc, &RunConfig::new(Policy::UPSTREAM, TraceMode::Ring(8)));
-        let cx = run.stack.cx.clone();
-        let mut longest = 0;
-        run.execute(&mut |_| {
-            longest = cx
-                .retrying()
-                .iter()
-                .map(|(_, _, n)| *n)
-                .max()
-                .unwrap_or(0)
-                .max(longest);
-            true
-        });
+        let cfg = RunConfig::new(Policy::UPSTREAM, TraceMode::Ring(8));
+        let (_, longest) = run_watching_retries(&sc, &cfg);
         assert!(longest < SOFT_LOCKUP_RETRIES / 10, "{name}: {longest}");
         seen += 1;
     }

@@ -232,10 +232,10 @@ impl Kvm {
         start: PgOff,
         npages: u64,
     ) -> KvmResult<()> {
-        self.gmem_fdget(file)?;
-        let r = self.punch_hole_fd_held(cx, file, start, npages).await;
-        self.gmem_fdput(cx, file).await;
-        r
+        self.with_fd(cx, file, || {
+            self.punch_hole_fd_held(cx, file, start, npages)
+        })
+        .await
     }
 
     /// `kvm_gmem_punch_hole` with the fd's reference held.
@@ -292,10 +292,8 @@ impl Kvm {
         start: PgOff,
         npages: u64,
     ) -> KvmResult<()> {
-        self.gmem_fdget(file)?;
-        let r = self.allocate_fd_held(cx, file, start, npages).await;
-        self.gmem_fdput(cx, file).await;
-        r
+        self.with_fd(cx, file, || self.allocate_fd_held(cx, file, start, npages))
+            .await
     }
 
     /// `kvm_gmem_allocate` with the fd's reference held.
@@ -337,6 +335,18 @@ impl Kvm {
             cx.yield_at("kvm_gmem_allocate:cond_resched").await;
         }
         lock.unlock(cx).await;
+        r
+    }
+
+    /// A syscall on the VMM's fd of `file` (fallocate): `body` runs holding the fd's reference.
+    async fn with_fd<F, Fut>(&self, cx: &Ctx, file: GmemId, body: F) -> KvmResult<()>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = KvmResult<()>>,
+    {
+        self.gmem_fdget(file)?;
+        let r = body().await;
+        self.gmem_fdput(cx, file).await;
         r
     }
 
