@@ -8,13 +8,22 @@ use arbitrary::{Arbitrary, Unstructured};
 
 use super::{
     Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, TdConfig, VmmConfig, VmmOp,
-    FAULT_CONVERT_BLOCKS, MAX_SLOT_ID, MAX_TASK_OPS, MAX_VCPUS, MAX_VMM_TASKS,
+    FAULT_CONVERT_BLOCKS, HIGH_GFN, MAX_SLOT_ID, MAX_TASK_OPS, MAX_VCPUS, MAX_VMM_TASKS,
 };
 use crate::addr::Gfn;
 
 /// The gfns ops choose from: three pages sharing a 4K table, two in the next 2M region, one in
-/// a third.
-const GFNS: [u64; 6] = [0x10, 0x11, 0x12, 0x200, 0x201, 0x400];
+/// a third, and two past 1 GiB (reachable once a memslot covers them: `REGIONS`).
+const GFNS: [u64; 8] = [
+    0x10,
+    0x11,
+    0x12,
+    0x200,
+    0x201,
+    0x400,
+    HIGH_GFN,
+    HIGH_GFN + 1,
+];
 
 fn gfn(i: u8) -> Gfn {
     Gfn::new(GFNS[usize::from(i) % GFNS.len()])
@@ -56,8 +65,9 @@ enum RawVmm {
     DontNeed(u8, u8),
 }
 
-/// Regions a VMM splits guest memory into: (first gfn, pages). Each holds some of `GFNS`.
-const REGIONS: [(u64, u64); 3] = [(0, 0x200), (0x200, 0x200), (0x400, 0x400)];
+/// Regions a VMM splits guest memory into: (first gfn, pages). Each holds some of `GFNS`; the
+/// last is the start of the second 1 GiB region.
+const REGIONS: [(u64, u64); 4] = [(0, 0x200), (0x200, 0x200), (0x400, 0x400), (HIGH_GFN, 0x10)];
 
 /// 1 to 4 pages: ranges that cover a neighbour's page or cross into the next table.
 fn npages(len: u8) -> u64 {
@@ -294,11 +304,13 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
         RawVmm::CloseGmem => VmmOp::CloseGmem,
         RawVmm::CreateSlotAt(s, r) => {
             let (g, n) = REGIONS[usize::from(r) % REGIONS.len()];
-            // Usually bound where the gfn is; sometimes to another part of the file.
+            // Usually bound where the gfn is (the high region at the file's end); sometimes
+            // to another part of the file.
+            let home = if g >= HIGH_GFN { 0x800 - n } else { g };
             let off = if r & 0x10 != 0 {
-                (g + 0x400) % 0x800
+                (home + 0x400) % 0x800
             } else {
-                g
+                home
             };
             VmmOp::CreateSlotAt {
                 slot: 1 + s % MAX_SLOT_ID,
@@ -369,7 +381,8 @@ pub fn decode(data: &[u8]) -> Scenario {
     }
     let mut init_pages: Vec<(Gfn, u64)> = Vec::new();
     for &(g, value) in raw.init.iter().take(MAX_TASK_OPS) {
-        let g = gfn(g);
+        // Build-time pages live in the stack's memslot (below 1 GiB).
+        let g = Gfn::new(gfn(g).raw() % crate::stack::GUEST_PAGES);
         if !init_pages.iter().any(|(p, _)| *p == g) {
             init_pages.push((g, u64::from(value) + 1));
         }

@@ -12,8 +12,14 @@ use crate::addr::Gfn;
 pub const MAX_VCPUS: u8 = 4;
 pub const MAX_TASK_OPS: usize = 32;
 pub const MAX_VMM_TASKS: u8 = 2;
-/// Guest-physical pages the scenario may touch (the stack's memslot is larger).
-pub const MAX_GFN: u64 = 0x7ff;
+/// The highest gfn a scenario may name: the stack's memslot covers `[0, 0x800)`; gfns from
+/// 1 GiB (`HIGH_GFN`) up are reachable through another memslot, so that S-EPT tables hang
+/// off a second 1G entry too.
+pub const MAX_GFN: u64 = HIGH_GFN + 0x7ff;
+/// The first gfn of the second 1 GiB region.
+pub const HIGH_GFN: u64 = 0x40000;
+/// The most pages one op may cover (the size of guest_memfd 0).
+pub const MAX_NPAGES: u64 = crate::stack::GUEST_PAGES;
 /// Memslot ids scenarios may use.
 pub const MAX_SLOT_ID: u8 = 7;
 

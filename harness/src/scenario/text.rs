@@ -22,8 +22,8 @@ use thiserror::Error;
 
 use super::{
     Dir, DirUntil, Expect, GuestStep, Scenario, Schedule, Task, TaskName, TaskOps, TdConfig,
-    VmmConfig, VmmOp, FAULT_CONVERT_BLOCKS, MAX_GFN, MAX_SLOT_ID, MAX_TASK_OPS, MAX_VCPUS,
-    MAX_VMM_TASKS,
+    VmmConfig, VmmOp, FAULT_CONVERT_BLOCKS, MAX_GFN, MAX_NPAGES, MAX_SLOT_ID, MAX_TASK_OPS,
+    MAX_VCPUS, MAX_VMM_TASKS,
 };
 use crate::addr::Gfn;
 
@@ -268,7 +268,7 @@ impl<'a> Line<'a> {
     }
 
     fn npages(&self, i: usize, gfn: Gfn) -> Result<u64, ParseError> {
-        let n = self.num(i, "a page count", MAX_GFN + 1)?;
+        let n = self.num(i, "a page count", MAX_NPAGES)?;
         if n == 0 || gfn.raw() + n > MAX_GFN + 1 {
             let (c, _) = self.tok(i, "a page count")?;
             return Err(self.err(
@@ -336,7 +336,7 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
         "create_slot" => {
             let slot = l.num(1, "a slot id", u64::from(MAX_SLOT_ID))? as u8;
             let gfn = l.gfn(2)?;
-            let npages = l.num(3, "a page count", MAX_GFN + 1)?;
+            let npages = l.num(3, "a page count", MAX_NPAGES)?;
             if npages == 0 || gfn.raw() + npages > MAX_GFN + 1 {
                 let (c, _) = l.tok(3, "a page count")?;
                 return Err(l.err(
@@ -344,7 +344,7 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
                     "the page count must be at least 1 and stay below the gfn limit",
                 ));
             }
-            let off = l.num(4, "a guest_memfd page offset", MAX_GFN)?;
+            let off = l.num(4, "a guest_memfd page offset", MAX_NPAGES - 1)?;
             let dirty_log = match l.toks.get(5) {
                 None => false,
                 Some((_, "dirty_log")) => true,
@@ -630,8 +630,14 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
                         "`init` pages belong to the setup build; with `build ops` use init_mem_region",
                     ));
                 }
-                s.init_pages
-                    .push((l.gfn(1)?, l.num(2, "a value", u64::MAX)?));
+                let g = l.gfn(1)?;
+                if g.raw() >= crate::stack::GUEST_PAGES {
+                    return Err(l.err(
+                        l.toks[1].0,
+                        "build-time pages must be in the stack's memslot (below 0x800)",
+                    ));
+                }
+                s.init_pages.push((g, l.num(2, "a value", u64::MAX)?));
                 l.done(3)?;
             }
             "task" => {
