@@ -440,9 +440,14 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                     thread_ends[v].clone(),
                     exited[v],
                 );
+                let vmm_threads = vmm_left.get();
                 stack.ex.spawn(t.name.label(), async move {
                     if build_ops {
-                        machine_ready.wait(&cx2).await;
+                        // With no VMM thread nothing builds the TD: the vCPU thread finds no
+                        // vCPU at once.
+                        if vmm_threads > 0 {
+                            machine_ready.wait(&cx2).await;
+                        }
                         if kvm.st.borrow().vcpus.len() <= v {
                             end.set(Some(ThreadEnd::NoVcpu));
                             done.complete_all(&cx2).await;

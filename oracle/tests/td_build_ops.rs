@@ -127,6 +127,14 @@ fn build_ops_answer_upstreams_errnos() {
             ends: &[Some(ThreadEnd::Error(Errno::EINVAL))],
         },
         Row {
+            name: "no VMM thread: nothing builds, the vCPU thread finds no vCPU",
+            header: "",
+            vcpus: 1,
+            rest: String::new(),
+            errnos: &[],
+            ends: &[NO_VCPU],
+        },
+        Row {
             name: "INIT_VM while another thread is inside KVM_CREATE_VCPU: -EBUSY",
             header: "",
             vcpus: 1,
