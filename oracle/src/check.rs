@@ -254,11 +254,16 @@ fn end_checks(run: &Run, wedged: bool) -> Option<Violation> {
             run,
         ));
     }
-    let bad = crate::ownership::check(
+    let mut bad = crate::ownership::check(
         &kvm.module.state(),
         &run.stack.host.borrow(),
         run.destroyed.get(),
     );
+    // A live VM at rest: every page held by something live (after teardown, the accounting
+    // above already wants every page free or deliberately leaked).
+    if quiescent && !run.destroyed.get() {
+        bad.extend(crate::ownership::unreachable(kvm, &run.stack.host.borrow()));
+    }
     if let Some(b) = bad.first() {
         return Some(violation(
             ViolationKind::PageOwnership,
@@ -267,20 +272,6 @@ fn end_checks(run: &Run, wedged: bool) -> Option<Violation> {
             b.clone(),
             run,
         ));
-    }
-    // A live VM at rest: every page held by something live (after teardown, the accounting
-    // above already wants every page free or deliberately leaked).
-    if quiescent && !run.destroyed.get() {
-        let bad = crate::ownership::unreachable(kvm, &run.stack.host.borrow());
-        if let Some(b) = bad.first() {
-            return Some(violation(
-                ViolationKind::PageOwnership,
-                "host page ledger",
-                stable(b),
-                b.clone(),
-                run,
-            ));
-        }
     }
     let bad = crate::guest_memory::check(kvm);
     if let Some(b) = bad.first() {
@@ -291,9 +282,6 @@ fn end_checks(run: &Run, wedged: bool) -> Option<Violation> {
             b.clone(),
             run,
         ));
-    }
-    if let Outcome::Stopped = run.outcome {
-        return None;
     }
     None
 }
