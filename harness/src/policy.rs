@@ -50,6 +50,11 @@ pub struct Policy {
     /// `kvm_vm_ioctl` answers -EIO on a dead VM before the memory ioctls
     /// (KVM_SET_MEMORY_ATTRIBUTES, KVM_SET_USER_MEMORY_REGION2) run.
     pub vm_ioctls_check_dead: bool,
+    /// `kvm_vcpu_ioctl` answers -EIO on a dead VM before any vCPU ioctl (KVM_RUN,
+    /// KVM_PRE_FAULT_MEMORY, KVM_TDX_INIT_VCPU, KVM_TDX_INIT_MEM_REGION) runs; false is a vCPU
+    /// ioctl dispatch that bypasses the check (e.g. an arch "unlocked" ioctl hook called
+    /// before it).
+    pub vcpu_ioctls_check_dead: bool,
     /// The map path (SEPT.ADD, AUG) retries TDX_OPERAND_BUSY on any operand
     /// (`tdx_operand_busy()`); false compares with BUSY|SEPT_TREE only, as the patches did
     /// before the merge (`err == TDX_ERROR_SEPT_BUSY`), and bugs the VM on the rest.
@@ -58,6 +63,11 @@ pub struct Policy {
     /// for write, as `tdx_td_vcpu_init` does TDH.VP.INIT (both take the TDR exclusively);
     /// upstream (false) holds only the VM-state locks, so a zap under mmu_lock can interleave.
     pub finalize_holds_mmu_lock: bool,
+    /// A failed BLOCK, REMOVE or WBINVD of a private page bugs the VM (`TDX_BUG_ON`, and
+    /// `handle_changed_spte`'s KVM_BUG_ON on the hook's error); false only WARNs at both and
+    /// lets the VM run on, as a zap that "returns a failure" would (one of the
+    /// options weighed before "KVM: TDX: Drop superfluous page pinning in S-EPT management").
+    pub zap_failure_bugs_vm: bool,
     /// `kvm_vm_dead` makes KVM_REQ_VM_DEAD (waiting) so that vCPUs in KVM_RUN stop entering;
     /// false marks the VM dead only, as before the request existed (0b8f11737cff, 5.15).
     pub vm_dead_makes_request: bool,
@@ -80,9 +90,11 @@ impl Policy {
         clear_after_reclaim: true,
         sept_off_to_side: false,
         vm_ioctls_check_dead: true,
+        vcpu_ioctls_check_dead: true,
         busy_any_operand: true,
         finalize_holds_mmu_lock: false,
         vm_dead_makes_request: true,
+        zap_failure_bugs_vm: true,
     };
 
     /// The kernels from 6.15 (20a6cff3: `kvm_mmu_reload` frees obsolete roots) to 7.2: the
@@ -96,7 +108,7 @@ impl Policy {
 
     /// Every named policy with the invariant it is expected to break (`none` for a correct
     /// alternative measured for cost).
-    pub const ALL: [(Policy, &'static str); 19] = [
+    pub const ALL: [(Policy, &'static str); 21] = [
         (Policy::UPSTREAM, "none"),
         (
             Policy {
@@ -153,6 +165,22 @@ impl Policy {
                 ..Policy::UPSTREAM
             },
             "state_machine",
+        ),
+        (
+            Policy {
+                name: "vcpu_ioctls_ignore_dead",
+                vcpu_ioctls_check_dead: false,
+                ..Policy::UPSTREAM
+            },
+            "state_machine",
+        ),
+        (
+            Policy {
+                name: "zap_failure_warns_only",
+                zap_failure_bugs_vm: false,
+                ..Policy::UPSTREAM
+            },
+            "page_ownership",
         ),
         (
             Policy {

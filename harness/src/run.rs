@@ -326,7 +326,13 @@ async fn vmm_op(
             Ok(())
         }
         VmmOp::InjectBusy { leaf, operand } => {
-            kvm.module.inject(|i| i.busy.arm(leaf, operand));
+            kvm.module.inject(|i| i.calls.arm(leaf, operand));
+            Ok(())
+        }
+        VmmOp::InjectError { leaf } => {
+            kvm.module.inject(|i| {
+                i.calls.arm_error(leaf);
+            });
             Ok(())
         }
         VmmOp::InjectNotifierWithoutZap => arm(kvm, KernelBug::NotifierWithoutZap),

@@ -8,6 +8,7 @@ use std::rc::Rc;
 use harness::run::{prepare, Run, RunConfig};
 use harness::scenario::Scenario;
 use harness::sched::Outcome;
+use harness::vmm::ThreadEnd;
 
 use crate::{Violation, ViolationKind};
 
@@ -117,13 +118,20 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
         bugs_seen = st.bugs.len();
         drop(st);
         let h = host.borrow();
-        if let Some(r) = crate::ownership::refused_since(&h, refused_seen).first() {
-            let key = h.refused[refused_seen].1.to_string();
+        // The page a failed zap abandoned may go back to the host once the VM is bugged.
+        let tolerated = crate::aftermath::Tolerated::of(&kvm);
+        let refused: Vec<_> = h.refused[refused_seen..]
+            .iter()
+            .filter(|(_, e)| !tolerated.page(e.pfn()))
+            .collect();
+        if let Some((step, e)) = refused.first() {
+            let r = format!("host refused at step {step}: {e}");
+            let key = e.to_string();
             *f.borrow_mut() = Some((
                 ViolationKind::PageOwnership,
                 "host page ledger",
                 stable(&key),
-                r.clone(),
+                r,
             ));
             return false;
         }
@@ -176,7 +184,7 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
 /// Mirror SPTEs vs the S-EPT (frozen SPTEs count only when `quiescent`).
 fn desync(run: &Run, quiescent: bool) -> Option<Violation> {
     let kvm = &run.stack.kvm;
-    let bad = crate::sept_sync::check(kvm, quiescent);
+    let bad = crate::aftermath::Tolerated::of(kvm).filter(crate::sept_sync::check(kvm, quiescent));
     let b = bad.first()?;
     let location = if kvm.policy.sept_off_to_side {
         "sept_side vs S-EPT"
@@ -214,7 +222,13 @@ fn end_checks(run: &Run, wedged: bool) -> Option<Violation> {
             return Some(v);
         }
     }
-    let ends: Vec<_> = run.thread_ends.iter().map(|e| e.get()).collect();
+    let tolerated = crate::aftermath::Tolerated::of(kvm);
+    let ends: Vec<_> = run
+        .thread_ends
+        .iter()
+        .map(|e| e.get())
+        .filter(|e| !matches!(e, Some(ThreadEnd::InternalError(s)) if tolerated.entry_failure(*s)))
+        .collect();
     if let Some(e) = crate::must_not_fail::internal_errors(&ends).first() {
         return Some(violation(
             ViolationKind::MustNotFail,
@@ -225,8 +239,9 @@ fn end_checks(run: &Run, wedged: bool) -> Option<Violation> {
         ));
     }
     // A VM the guest killed through upstream's chosen path (touching a page it never accepted
-    // with SEPT_VE_DISABLE) answers every later ioctl with -EIO, as it must.
-    let errs = if kvm.st.borrow().killed_by_guest {
+    // with SEPT_VE_DISABLE), or KVM bugged answering an injected SEAMCALL failure, answers
+    // every later ioctl with -EIO, as it must.
+    let errs = if kvm.st.borrow().killed_by_guest || tolerated.bugged {
         Vec::new()
     } else {
         crate::must_not_fail::eio(&run.vmm_errors.borrow())
@@ -264,6 +279,7 @@ fn end_checks(run: &Run, wedged: bool) -> Option<Violation> {
     if quiescent && !run.destroyed.get() {
         bad.extend(crate::ownership::unreachable(kvm, &run.stack.host.borrow()));
     }
+    let bad = tolerated.filter(bad);
     if let Some(b) = bad.first() {
         return Some(violation(
             ViolationKind::PageOwnership,

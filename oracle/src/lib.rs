@@ -4,6 +4,7 @@
 //! [`Violation`]s with a stable signature so that findings dedupe across inputs.
 #![forbid(unsafe_code)]
 
+pub mod aftermath;
 pub mod check;
 pub mod guest_memory;
 pub mod harness_bug;

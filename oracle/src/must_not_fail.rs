@@ -8,9 +8,18 @@ use harness::scenario::VmmOp;
 use harness::vmm::ThreadEnd;
 
 /// Bug reports since index `from`: KVM_BUG_ON/TDX_BUG_ON (the VM is bugged) and WARNs (a
-/// WARN_ON in KVM is a KVM bug too, even where it carries on).
+/// WARN_ON in KVM is a KVM bug too, even where it carries on). KVM's answer to an injected
+/// SEAMCALL failure is not one: the oracle judges what it leaves behind instead.
 pub fn bugs_since(bugs: &[BugReport], from: usize) -> Vec<&BugReport> {
-    bugs.iter().skip(from).collect()
+    bugs.iter()
+        .skip(from)
+        .filter(|b| b.injected.is_none())
+        .collect()
+}
+
+/// Whether the VM was bugged by KVM's answer to an injected SEAMCALL failure.
+pub fn bugged_by_injection(bugs: &[BugReport]) -> bool {
+    bugs.iter().any(|b| b.fatal && b.injected.is_some())
 }
 
 /// vCPU threads that stopped on KVM_EXIT_INTERNAL_ERROR (an exit KVM could not handle).
@@ -65,6 +74,7 @@ mod tests {
             location: "kvm_mmu_memory_cache_alloc",
             what: "empty cache".into(),
             fatal,
+            injected: None,
         }
     }
 

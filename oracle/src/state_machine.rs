@@ -61,6 +61,12 @@ pub fn check(kvm: &Kvm, seen: &mut Seen, destroyed: bool) -> Vec<String> {
             "vCPU {v} entered the TD at step {step}, after the VM died at step {dead}"
         ));
     }
+    // An ioctl that began on a dead VM must be turned away before it reaches the module.
+    if let Some(&(step, _, leaf)) = m.after_dead.calls.first() {
+        bad.push(format!(
+            "{leaf} at step {step} from an ioctl that began after the VM died"
+        ));
+    }
     for v in &st.vcpus {
         let Some(tdvpr) = v.tdvpr else { continue };
         let running = m

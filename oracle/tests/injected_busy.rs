@@ -50,7 +50,7 @@ fn upstream_survives_an_injected_busy_on_every_injectable_leaf_and_operand() {
                 "{case}"
             );
             assert_eq!(
-                rep.run.stack.kvm.module.state().injected.busy.fired,
+                rep.run.stack.kvm.module.state().injected.calls.fired,
                 1,
                 "{case}: the injection fired"
             );

@@ -147,6 +147,22 @@ pub enum LedgerError {
     NotHeld(Pfn),
 }
 
+impl LedgerError {
+    /// The page the refused move was about, if it names one.
+    pub fn pfn(&self) -> Option<Pfn> {
+        match *self {
+            LedgerError::NoSuchPage(p)
+            | LedgerError::DoubleFree(p)
+            | LedgerError::UnclearedContents(p)
+            | LedgerError::NotHeld(p)
+            | LedgerError::HeldByTdx { pfn: p, .. }
+            | LedgerError::DirtyCacheLines { pfn: p, .. }
+            | LedgerError::WrongOwner { pfn: p, .. } => Some(p),
+            LedgerError::OutOfMemory | LedgerError::InjectedFailure => None,
+        }
+    }
+}
+
 /// Every host page of the run.
 #[derive(Clone, Debug)]
 pub struct Ledger {

@@ -121,6 +121,9 @@ pub struct BugReport {
     pub what: String,
     /// True for KVM_BUG_ON/TDX_BUG_ON with a VM (it becomes dead), false for a WARN.
     pub fatal: bool,
+    /// The leaf whose injected failure (`inject_error`) this reports: the reporting task's
+    /// last SEAMCALL failed by injection. Upstream's answer to a module failure, not a bug.
+    pub injected: Option<crate::tdx_module::Leaf>,
 }
 
 /// Guest-visible memory events in the order they happen (for the guest-memory oracle).
@@ -267,6 +270,11 @@ pub struct KvmState {
     /// TDH.VP.ENTERs issued after `dead_since`, as (step, vCPU): a dead VM's guest runs again.
     pub entered_after_dead: Vec<(u64, usize)>,
     pub bugs: Vec<BugReport>,
+    /// Private pages a failed zap left behind: (gfn, pfn) whose BLOCK, REMOVE or WBINVD failed
+    /// and bugged the VM. The S-EPT may still map the page (or its cache lines stay dirty) while
+    /// guest_memfd frees it: upstream accepts that window once the VM is bugged ("KVM: TDX: Drop
+    /// superfluous page pinning in S-EPT management").
+    pub abandoned: Vec<(Gfn, Pfn)>,
     /// Guest-visible memory events with their steps.
     pub mem_log: Vec<(u64, MemEvent)>,
     pub injected: KvmInjected,
@@ -333,6 +341,7 @@ impl Kvm {
                 bugged: false,
                 dead: false,
                 bugs: Vec::new(),
+                abandoned: Vec::new(),
                 mem_log: Vec::new(),
                 injected: KvmInjected::default(),
                 sept_side: vmx::sept_off_to_side::SeptSide::default(),
@@ -361,11 +370,13 @@ impl Kvm {
             if st.bugged {
                 return;
             }
+            let injected = self.module.state().injected.calls.answering(cx.current());
             st.bugs.push(BugReport {
                 step: cx.step(),
                 location,
                 what,
                 fatal: true,
+                injected,
             });
             st.bugged = true;
         }
@@ -375,11 +386,13 @@ impl Kvm {
 
     /// `WARN_ON_ONCE` (and `TDX_BUG_ON` without a VM): logged, the VM goes on.
     pub fn warn(&self, cx: &Ctx, location: &'static str, what: String) {
+        let injected = self.module.state().injected.calls.answering(cx.current());
         self.st.borrow_mut().bugs.push(BugReport {
             step: cx.step(),
             location,
             what,
             fatal: false,
+            injected,
         });
         cx.note("WARN", 0, 0);
     }
@@ -402,6 +415,32 @@ impl Kvm {
             return Err(Errno::EIO);
         }
         Ok(())
+    }
+
+    /// `kvm_vcpu_ioctl`'s first check: -EIO on a dead VM (policy `vcpu_ioctls_ignore_dead`
+    /// leaves it out). Marks the task's ioctl as begun on a dead VM or not (`AfterDead`).
+    pub(crate) fn vcpu_ioctl_gate(&self, cx: &Ctx) -> KvmResult<()> {
+        let dead = self.ioctl_entry(cx);
+        if dead && self.policy.vcpu_ioctls_check_dead {
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+
+    /// `kvm_vm_ioctl`'s first check for KVM_MEMORY_ENCRYPT_OP (the TD build ioctls): -EIO on a
+    /// dead VM.
+    pub(crate) fn vm_encrypt_op_gate(&self, cx: &Ctx) -> KvmResult<()> {
+        if self.ioctl_entry(cx) {
+            return Err(Errno::EIO);
+        }
+        Ok(())
+    }
+
+    /// At an ioctl's entry: whether the VM is dead, told to the module's `AfterDead` record.
+    fn ioctl_entry(&self, cx: &Ctx) -> bool {
+        let dead = self.is_dead();
+        self.module.note_ioctl_entry(cx.current(), dead);
+        dead
     }
 
     /// `kvm->vm_dead` (set by `kvm_vm_dead` and by a KVM_BUG_ON).

@@ -41,9 +41,9 @@ impl Kvm {
     /// KVM_RUN through `kvm_vcpu_ioctl`: under `vcpu->mutex` (so no other ioctl of this vCPU,
     /// e.g. KVM_PRE_FAULT_MEMORY, runs meanwhile), `kvm_arch_vcpu_ioctl_run`.
     pub async fn kvm_run(&self, cx: &Ctx, v: usize) -> KvmResult<RunExit> {
-        let r = if self.is_dead() {
-            // kvm_vcpu_ioctl: a dead VM answers -EIO before vcpu->mutex is taken.
-            Err(Errno::EIO)
+        // kvm_vcpu_ioctl: a dead VM answers -EIO before vcpu->mutex is taken.
+        let r = if let Err(e) = self.vcpu_ioctl_gate(cx) {
+            Err(e)
         } else {
             let mutex = self.st.borrow().vcpus[v].mutex;
             mutex.lock(cx).await;

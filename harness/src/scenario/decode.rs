@@ -59,6 +59,8 @@ enum RawVmm {
     CreateSlotAt(u8, u8),
     /// (leaf choice, operand choice)
     InjectBusy(u8, u8),
+    /// leaf choice
+    InjectError(u8),
     /// fallocate allocate: (gfn index, length byte)
     Allocate(u8, u8),
     /// madvise(MADV_DONTNEED) of the VMM's memory: (gfn index, length byte)
@@ -299,6 +301,12 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
             VmmOp::InjectBusy {
                 leaf,
                 operand: ops[usize::from(o) % ops.len()],
+            }
+        }
+        RawVmm::InjectError(l) => {
+            use crate::tdx_module::ERROR_INJECTABLE;
+            VmmOp::InjectError {
+                leaf: ERROR_INJECTABLE[usize::from(l) % ERROR_INJECTABLE.len()].0,
             }
         }
         RawVmm::CloseGmem => VmmOp::CloseGmem,

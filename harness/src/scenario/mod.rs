@@ -91,6 +91,9 @@ pub enum VmmOp {
         leaf: crate::tdx_module::Leaf,
         operand: crate::tdx_module::Operand,
     },
+    /// Fault injection: the next call of `leaf` returns the non-BUSY error the module's
+    /// handler of it can return (`tdx_module::ERROR_INJECTABLE`).
+    InjectError { leaf: crate::tdx_module::Leaf },
     /// Fault injection: the next `n` host page allocations fail.
     AllocFail { n: u8 },
     /// Fault injection (a kernel bug): KVM_SET_MEMORY_ATTRIBUTES stops zapping old mappings.

@@ -168,6 +168,7 @@ fn vmm_op(op: &VmmOp) -> String {
         VmmOp::ZeroStep { vcpu, gfn } => format!("zero_step vcpu{vcpu} {}", hex(gfn.raw())),
         VmmOp::AllocFail { n } => format!("alloc_fail {n}"),
         VmmOp::InjectBusy { leaf, operand } => format!("inject_busy {leaf} {}", operand.name()),
+        VmmOp::InjectError { leaf } => format!("inject_error {leaf}"),
         VmmOp::InjectSkipConvertZap => "inject_skip_convert_zap".into(),
         VmmOp::InjectSkipInGuestMode => "inject_skip_in_guest_mode".into(),
         VmmOp::InjectTruncateWithoutFree => "inject_truncate_without_free".into(),
@@ -439,6 +440,21 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
                 })?;
             (VmmOp::InjectBusy { leaf, operand }, 3)
         }
+        "inject_error" => {
+            let (c, name) = l.tok(1, "a SEAMCALL leaf")?;
+            let leaf = crate::tdx_module::Leaf::from_name(name)
+                .filter(|&leaf| crate::tdx_module::injected_error(leaf).is_some())
+                .ok_or_else(|| {
+                    l.err(
+                        c,
+                        format!(
+                            "`{name}` is not a leaf an error can be injected into (expected one of {})",
+                            names(crate::tdx_module::ERROR_INJECTABLE.iter().map(|(l, _)| l))
+                        ),
+                    )
+                })?;
+            (VmmOp::InjectError { leaf }, 2)
+        }
         "inject_skip_convert_zap" => (VmmOp::InjectSkipConvertZap, 1),
         "inject_skip_in_guest_mode" => (VmmOp::InjectSkipInGuestMode, 1),
         "inject_truncate_without_free" => (VmmOp::InjectTruncateWithoutFree, 1),
@@ -449,7 +465,7 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
                 c,
                 format!(
                     "unknown VMM op `{other}` (expected convert, delete_slot, create_slot, punch_hole, allocate, dontneed, prefault, \
-                     init_vm, create_vcpu, init_vcpu, init_mem_region, finalize, signal, interrupt, zap_all_fast, close_gmem, zero_step, alloc_fail, inject_busy, inject_skip_convert_zap, inject_skip_in_guest_mode, \
+                     init_vm, create_vcpu, init_vcpu, init_mem_region, finalize, signal, interrupt, zap_all_fast, close_gmem, zero_step, alloc_fail, inject_busy, inject_error, inject_skip_convert_zap, inject_skip_in_guest_mode, \
                      inject_truncate_without_free, inject_notifier_without_zap or destroy)"
                 ),
             ))

@@ -145,6 +145,28 @@ impl Leaf {
 }
 
 impl Leaf {
+    /// Whether the leaf builds or runs the TD (creates, adds, maps, measures, enters), as
+    /// opposed to taking it down (block, track, remove, flush, reclaim, free the key) or a
+    /// guest TDCALL. After a VM is dead only the second kind has a reason to run.
+    pub const fn builds_or_runs(self) -> bool {
+        matches!(
+            self,
+            Leaf::VpEnter
+                | Leaf::MngAddcx
+                | Leaf::MemPageAdd
+                | Leaf::MemSeptAdd
+                | Leaf::VpAddcx
+                | Leaf::MemPageAug
+                | Leaf::MngKeyConfig
+                | Leaf::MngCreate
+                | Leaf::VpCreate
+                | Leaf::MrExtend
+                | Leaf::MrFinalize
+                | Leaf::MngInit
+                | Leaf::VpInit
+        )
+    }
+
     /// The leaf with this ABI name.
     pub fn from_name(s: &str) -> Option<Leaf> {
         Leaf::ALL.into_iter().find(|l| l.name() == s)

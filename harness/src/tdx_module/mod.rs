@@ -27,14 +27,17 @@ pub mod testkit;
 mod vcpu;
 
 use std::cell::{Ref, RefCell};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::addr::{Gfn, Gpa, Pfn, PgLevel, SHARED_BIT_GPAW48};
 use crate::host::{CacheKey, HostRef, TdxHold, TdxPageKind};
 use crate::ids::{Hkid, TdId};
-use crate::sched::{Ctx, Point};
+use crate::sched::{Ctx, Point, TaskId};
 
-pub use inject::{busy_operands, BusyInjection, BUSY_INJECTABLE};
+pub use inject::{
+    busy_operands, injected_error, CallInjection, InjectedFailure, BUSY_INJECTABLE,
+    ERROR_INJECTABLE,
+};
 pub use leaves::Leaf;
 pub use locks::{LockKey, Locks, Mode};
 pub use pamt::{PageType, Pamt, PamtEntry};
@@ -102,8 +105,8 @@ pub struct Injected {
     pub rnd_no_entropy: u32,
     /// A host interrupt is pending during CACHE.WB: it stops after one sub-block.
     pub cache_wb_interrupts: u32,
-    /// TDX_OPERAND_BUSY at a leaf's next call.
-    pub busy: BusyInjection,
+    /// TDX_OPERAND_BUSY or an error at a leaf's next call.
+    pub calls: CallInjection,
 }
 
 /// Key-ownership-table state of an HKID.
@@ -188,7 +191,37 @@ pub struct ModuleState {
     pub(crate) kot: BTreeMap<Hkid, KotEntry>,
     pub(crate) wbt: Vec<Wbt>,
     pub injected: Injected,
+    /// Observation point for the oracle: SEAMCALLs of tasks KVM let into an ioctl on a dead VM.
+    pub after_dead: AfterDead,
     next_td: u32,
+}
+
+/// SEAMCALLs that build or run the TD (`Leaf::builds_or_runs`) issued by a task whose current
+/// ioctl began after the VM was dead (KVM marks the task at the ioctl's entry). Upstream turns
+/// such an ioctl away with -EIO before it reaches the module; an ioctl already running when the
+/// VM died is not marked (its in-flight calls are not this check's business).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AfterDead {
+    tasks: BTreeSet<TaskId>,
+    /// (step, task, leaf) of each such call.
+    pub calls: Vec<(u64, TaskId, Leaf)>,
+}
+
+impl AfterDead {
+    /// At an ioctl's entry: whether `task`'s ioctl begins on a dead VM.
+    pub fn entered(&mut self, task: TaskId, vm_dead: bool) {
+        if vm_dead {
+            self.tasks.insert(task);
+        } else {
+            self.tasks.remove(&task);
+        }
+    }
+
+    fn called(&mut self, step: u64, task: TaskId, leaf: Leaf) {
+        if leaf.builds_or_runs() && self.tasks.contains(&task) {
+            self.calls.push((step, task, leaf));
+        }
+    }
 }
 
 /// The module: its state, plus the host memory it reads and writes.
@@ -232,6 +265,7 @@ impl TdxModule {
                 kot,
                 wbt,
                 injected: Injected::default(),
+                after_dead: AfterDead::default(),
                 next_td: 0,
             }),
             host,
@@ -266,6 +300,11 @@ impl TdxModule {
         }
     }
 
+    /// KVM tells the `AfterDead` record that `task` enters an ioctl, on a dead VM or not.
+    pub fn note_ioctl_entry(&self, task: TaskId, vm_dead: bool) {
+        self.st.borrow_mut().after_dead.entered(task, vm_dead);
+    }
+
     /// Sets TD_CTLS.PENDING_VE_DISABLE for a TD (a TDH.MNG.WR of TD_CTLS in the real flow).
     pub fn set_pending_ve_disable(&self, tdr: Pfn, on: bool) {
         if let Some(td) = self.st.borrow_mut().tds.get_mut(&tdr) {
@@ -273,9 +312,9 @@ impl TdxModule {
         }
     }
 
-    /// Runs one call of `leaf` (`call`) unless an armed TDX_OPERAND_BUSY (`inject.rs`) answers
-    /// it instead, noted in the trace; records whether the call ended BUSY, so that a retry
-    /// after BUSY is never injected into.
+    /// Runs one call of `leaf` (`call`) unless an armed BUSY or error (`inject.rs`) answers it
+    /// instead, noted in the trace; records how the call ended, so that a retry after BUSY is
+    /// never injected into and KVM's answer to an injected failure is known as such.
     async fn injectable<T>(
         &self,
         cx: &Ctx,
@@ -283,7 +322,8 @@ impl TdxModule {
         call: impl std::future::Future<Output = SeamResult<T>>,
     ) -> SeamResult<T> {
         let task = cx.current();
-        let injected = self.st.borrow_mut().injected.busy.take(task, leaf);
+        let injected = self.st.borrow_mut().injected.calls.take(task, leaf);
+        let was_injected = injected.is_some();
         let r = match injected {
             Some(e) => {
                 cx.yield_now(Point::Yield(leaf.name())).await;
@@ -292,8 +332,16 @@ impl TdxModule {
             }
             None => call.await,
         };
-        let busy = matches!(&r, Err(e) if e.status.is_operand_busy());
-        self.st.borrow_mut().injected.busy.ended(task, leaf, busy);
+        let status = match &r {
+            Ok(_) => Status::SUCCESS,
+            Err(e) => e.status,
+        };
+        let step = cx.step();
+        let mut st = self.st.borrow_mut();
+        st.injected
+            .calls
+            .ended(step, task, leaf, status, was_injected);
+        st.after_dead.called(step, task, leaf);
         r
     }
 

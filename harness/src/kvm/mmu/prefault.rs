@@ -44,9 +44,7 @@ impl Kvm {
         gpa: Gpa,
         size: u64,
     ) -> KvmResult<u64> {
-        if self.is_dead() {
-            return Err(Errno::EIO);
-        }
+        self.vcpu_ioctl_gate(cx)?;
         let mutex = self.st.borrow().vcpus[v].mutex;
         mutex.lock(cx).await;
         let r = self.pre_fault_memory_loop(cx, v, gpa, size).await;

@@ -509,12 +509,14 @@ impl Kvm {
                 .tdx_sept_set_private_spte(cx, gfn, old, new, level)
                 .await
             {
-                self.bug(
-                    cx,
-                    "handle_changed_spte",
-                    format!("S-EPT removal of {gfn} failed ({e:?}) with mmu_lock held for write"),
-                )
-                .await;
+                let what =
+                    format!("S-EPT removal of {gfn} failed ({e:?}) with mmu_lock held for write");
+                // Policy `zap_failure_warns_only`: the failure is only warned about, here too.
+                if self.policy.zap_failure_bugs_vm {
+                    self.bug(cx, "handle_changed_spte", what).await;
+                } else {
+                    self.warn(cx, "handle_changed_spte", what);
+                }
             }
         }
     }

@@ -114,9 +114,7 @@ impl Kvm {
         measure: bool,
         source: InitMemSource<'_>,
     ) -> KvmResult<()> {
-        if self.is_dead() {
-            return Err(Errno::EIO);
-        }
+        self.vcpu_ioctl_gate(cx)?;
         let locks = self.tdx_acquire_vm_state_locks(cx).await;
         let refused = {
             let st = self.st.borrow();

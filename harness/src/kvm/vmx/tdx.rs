@@ -269,12 +269,8 @@ impl Kvm {
             .tdh_do_no_vcpus(cx, || m.tdh_mem_range_block(cx, tdr, gpa, level))
             .await
         {
-            self.bug(
-                cx,
-                "tdx_sept_remove_leaf_spte",
-                format!("TDH.MEM.RANGE.BLOCK: {e}"),
-            )
-            .await;
+            self.zap_failed(cx, gfn, expected, format!("TDH.MEM.RANGE.BLOCK: {e}"))
+                .await;
             return Err(Errno::EIO);
         }
         if self.policy.track_before_remove {
@@ -289,22 +285,14 @@ impl Kvm {
         {
             Ok(_) => {}
             Err(e) => {
-                self.bug(
-                    cx,
-                    "tdx_sept_remove_leaf_spte",
-                    format!("TDH.MEM.PAGE.REMOVE: {e}"),
-                )
-                .await;
+                self.zap_failed(cx, gfn, expected, format!("TDH.MEM.PAGE.REMOVE: {e}"))
+                    .await;
                 return Err(Errno::EIO);
             }
         }
         if let Err(e) = m.tdh_phymem_page_wbinvd(cx, pfn, CacheKey::Td(hkid)).await {
-            self.bug(
-                cx,
-                "tdx_sept_remove_leaf_spte",
-                format!("TDH.PHYMEM.PAGE.WBINVD: {e}"),
-            )
-            .await;
+            self.zap_failed(cx, gfn, pfn, format!("TDH.PHYMEM.PAGE.WBINVD: {e}"))
+                .await;
             return Err(Errno::EIO);
         }
         // tdx_quirk_reset_paddr: the page goes back to guest_memfd zeroed.
@@ -313,6 +301,18 @@ impl Kvm {
         h.record(cx.step(), r);
         h.write(pfn, 0);
         Ok(())
+    }
+
+    /// The private page `pfn` at `gfn` could not be zapped (BLOCK, REMOVE or WBINVD failed):
+    /// `TDX_BUG_ON` (policy `zap_failure_warns_only`: a WARN only) and -EIO; the page is left
+    /// where the failure left it (`KvmState::abandoned`).
+    async fn zap_failed(&self, cx: &Ctx, gfn: Gfn, pfn: Pfn, what: String) {
+        if self.policy.zap_failure_bugs_vm {
+            self.bug(cx, "tdx_sept_remove_leaf_spte", what).await;
+        } else {
+            self.warn(cx, "tdx_sept_remove_leaf_spte", what);
+        }
+        self.st.borrow_mut().abandoned.push((gfn, pfn));
     }
 
     /// `tdx_track` (mmu_lock held for write): TDH.MEM.TRACK, then kick every vCPU so none still
@@ -443,9 +443,7 @@ impl Kvm {
         max_vcpus: u32,
         attributes: u64,
     ) -> KvmResult<()> {
-        if self.is_dead() {
-            return Err(Errno::EIO);
-        }
+        self.vm_encrypt_op_gate(cx)?;
         let locks = self.tdx_acquire_vm_state_locks(cx).await;
         let r = async {
             if self.st.borrow().tdx.state != TdState::Uninitialized {
@@ -554,9 +552,7 @@ impl Kvm {
     /// -EINVAL without an HKID or once RUNNABLE, -EINVAL unless the vCPU is UNINITIALIZED;
     /// then TDVPR and TDCX pages, VP.CREATE, VP.ADDCX of each, VP.INIT under mmu_lock for write.
     pub async fn tdx_td_vcpu_init(&self, cx: &Ctx, v: usize) -> KvmResult<()> {
-        if self.is_dead() {
-            return Err(Errno::EIO);
-        }
+        self.vcpu_ioctl_gate(cx)?;
         let locks = self.tdx_acquire_vm_state_locks(cx).await;
         let r = async {
             {
@@ -630,9 +626,7 @@ impl Kvm {
     /// (policy `finalize_under_mmu_lock` takes it for write around both). Policy
     /// `sept_off_to_side` then maps every private gfn (`sept_side_populate_all`).
     pub async fn tdx_td_finalize(&self, cx: &Ctx) -> KvmResult<()> {
-        if self.is_dead() {
-            return Err(Errno::EIO);
-        }
+        self.vm_encrypt_op_gate(cx)?;
         let locks = self.tdx_acquire_vm_state_locks(cx).await;
         let r = async {
             {
