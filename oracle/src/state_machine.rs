@@ -8,6 +8,9 @@ use harness::tdx_module::{Lifecycle, OpState, VcpuState};
 /// States seen at the previous check.
 #[derive(Clone, Debug, Default)]
 pub struct Seen {
+    /// The TD the states below are of: a failed KVM_TDX_INIT_VM tears its TD down and a retry
+    /// creates another, whose states start afresh.
+    tdr: Option<harness::addr::Pfn>,
     lifecycle: Option<Lifecycle>,
     op_state: Option<OpState>,
     kvm: Option<TdState>,
@@ -26,6 +29,11 @@ pub fn check(kvm: &Kvm, seen: &mut Seen, destroyed: bool) -> Vec<String> {
     let mut bad = Vec::new();
     let st = kvm.st.borrow();
     let m = kvm.module.state();
+    if seen.tdr != st.tdx.tdr {
+        seen.tdr = st.tdx.tdr;
+        seen.lifecycle = None;
+        seen.op_state = None;
+    }
     if let Some(td) = st.tdx.tdr.and_then(|t| m.tds.get(&t)) {
         if let Some(prev) = seen.lifecycle {
             if td.lifecycle < prev {

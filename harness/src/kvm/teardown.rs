@@ -27,7 +27,7 @@
 //! freed at once).
 
 use crate::addr::{Gfn, Pfn, PgLevel};
-use crate::host::{CacheKey, LeakReason};
+use crate::host::{CacheKey, LeakReason, Owner};
 use crate::ids::GmemId;
 use crate::sched::Ctx;
 use crate::tdx_module::{CacheWbCmd, Code, Lp};
@@ -331,19 +331,25 @@ impl Kvm {
     /// else reclaim each TDCS page, then the TDR: RECLAIM, TDH.PHYMEM.PAGE.WBINVD under the
     /// global key, clear, free. A TDR that cannot be reclaimed or written back is leaked.
     pub(crate) async fn tdx_reclaim_td_control_pages(&self, cx: &Ctx) {
-        let (hkid, tdcs, tdr) = {
-            let mut st = self.st.borrow_mut();
-            let t = &mut st.tdx;
-            (t.hkid, std::mem::take(&mut t.tdcs), t.tdr.take())
-        };
-        if hkid.is_some() {
+        if self.st.borrow().tdx.hkid.is_some() {
+            // Upstream returns with `tdr_page` and `tdcs_pages` still set: nothing ever frees
+            // them (a later KVM_TDX_FINALIZE_VM still finds the TD). The ledger counts them
+            // leaked from now on.
+            let st = self.st.borrow();
             let mut h = self.host.borrow_mut();
-            for p in tdcs.into_iter().chain(tdr) {
-                let r = h.ledger.leak(p, LeakReason::HkidNotReleased);
-                h.record(cx.step(), r);
+            for &p in st.tdx.tdcs.iter().chain(&st.tdx.tdr) {
+                if !matches!(h.ledger.get(p).map(|e| e.owner), Ok(Owner::Leaked(_))) {
+                    let r = h.ledger.leak(p, LeakReason::HkidNotReleased);
+                    h.record(cx.step(), r);
+                }
             }
             return;
         }
+        let (tdcs, tdr) = {
+            let mut st = self.st.borrow_mut();
+            let t = &mut st.tdx;
+            (std::mem::take(&mut t.tdcs), t.tdr.take())
+        };
         for p in tdcs {
             self.tdx_reclaim_control_page(cx, p).await;
         }
