@@ -318,11 +318,11 @@ async fn vmm_op(
             }
             Ok(())
         }
-        VmmOp::AllocFail { n } => {
+        VmmOp::AllocFail { n, after } => {
             kvm.host
                 .borrow_mut()
                 .ledger
-                .inject_alloc_failures(u32::from(n));
+                .inject_alloc_failures(u32::from(after), u32::from(n));
             Ok(())
         }
         VmmOp::InjectBusy { leaf, operand } => {

@@ -422,7 +422,7 @@ fn a_fault_that_cannot_top_up_its_caches_is_enomem() {
         cached.shadow.len() < harness::kvm::mmu::tdp_mmu::MMU_CACHE_MIN,
         "the warm-up fault used cached tables: {cached:?}"
     );
-    s.host.borrow_mut().ledger.inject_alloc_failures(1_000);
+    s.host.borrow_mut().ledger.inject_alloc_failures(0, 1_000);
     // 2M region 1 needs a new 4K table: the topup must allocate and cannot.
     let (_, end) = s.spawn_vcpu(
         0,

@@ -464,7 +464,7 @@ fn a_hole_that_cannot_be_refilled_is_made_shared_and_the_guest_gets_it_back() {
     let mut s = stack(1);
     run_vcpu(&mut s, 0, accept_touch(&[0x40]));
     s.run_setup(|cx, kvm| async move {
-        kvm.host.borrow_mut().ledger.inject_alloc_failures(1);
+        kvm.host.borrow_mut().ledger.inject_alloc_failures(0, 1);
         let r = kvm
             .kvm_gmem_punch_hole(&cx, GmemId(0), PgOff(0x40), 1)
             .await;

@@ -169,6 +169,8 @@ pub struct Ledger {
     pages: Vec<PageEntry>,
     /// Fail the next allocations (fault injection), counted down.
     fail_allocs: u32,
+    /// Allocations that succeed before the injected failures start.
+    succeed_first: u32,
 }
 
 impl Ledger {
@@ -185,6 +187,7 @@ impl Ledger {
                 npages
             ],
             fail_allocs: 0,
+            succeed_first: 0,
         }
     }
 
@@ -213,14 +216,17 @@ impl Ledger {
             .map(|(i, p)| (Pfn::new(PFN_BASE + i as u64), p))
     }
 
-    /// Makes the next `n` allocations fail (models `-ENOMEM` injection).
-    pub fn inject_alloc_failures(&mut self, n: u32) {
+    /// Makes the `n` allocations after the next `after` fail (models `-ENOMEM` injection).
+    pub fn inject_alloc_failures(&mut self, after: u32, n: u32) {
+        self.succeed_first = after;
         self.fail_allocs = n;
     }
 
     /// `alloc_page()`: the lowest free page (deterministic), which is always clean.
     pub fn alloc(&mut self, what: AllocFor) -> Result<Pfn, LedgerError> {
-        if self.fail_allocs > 0 {
+        if self.succeed_first > 0 {
+            self.succeed_first -= 1;
+        } else if self.fail_allocs > 0 {
             self.fail_allocs -= 1;
             return Err(LedgerError::InjectedFailure);
         }
@@ -422,7 +428,7 @@ mod tests {
         );
         l.free(a).unwrap();
         assert_eq!(l.alloc(AllocFor::Kernel(KernelUse::Other)).unwrap(), a);
-        l.inject_alloc_failures(1);
+        l.inject_alloc_failures(0, 1);
         l.free(a).unwrap();
         assert_eq!(
             l.alloc(AllocFor::Kernel(KernelUse::Other)),

@@ -27,7 +27,7 @@
 //! freed at once).
 
 use crate::addr::{Gfn, Pfn, PgLevel};
-use crate::host::{CacheKey, LeakReason, Owner};
+use crate::host::{CacheKey, LeakReason};
 use crate::ids::GmemId;
 use crate::sched::Ctx;
 use crate::tdx_module::{CacheWbCmd, Code, Lp};
@@ -320,29 +320,30 @@ impl Kvm {
     }
 
     /// `tdx_vm_destroy` (vm_destroy): `tdx_reclaim_td_control_pages`, state UNINITIALIZED.
+    /// Control pages still there (the HKID stayed assigned) are never freed: leaked.
     pub async fn tdx_vm_destroy(&self, cx: &Ctx) {
         self.tdx_reclaim_td_control_pages(cx).await;
         let mut st = self.st.borrow_mut();
+        let left: Vec<Pfn> = std::mem::take(&mut st.tdx.tdcs)
+            .into_iter()
+            .chain(st.tdx.tdr.take())
+            .collect();
+        let mut h = self.host.borrow_mut();
+        for p in left {
+            let r = h.ledger.leak(p, LeakReason::HkidNotReleased);
+            h.record(cx.step(), r);
+        }
         st.tdx.state = TdState::Uninitialized;
         st.tdx.pre_fault_allowed = false;
     }
 
-    /// `tdx_reclaim_td_control_pages`: with the HKID assigned, give up (everything leaks);
-    /// else reclaim each TDCS page, then the TDR: RECLAIM, TDH.PHYMEM.PAGE.WBINVD under the
-    /// global key, clear, free. A TDR that cannot be reclaimed or written back is leaked.
+    /// `tdx_reclaim_td_control_pages`: with the HKID assigned, give up (the pages stay with
+    /// the TD: a later KVM_TDX_FINALIZE_VM still finds it, a later release of the HKID lets
+    /// `tdx_vm_destroy` reclaim them); else reclaim each TDCS page, then the TDR: RECLAIM,
+    /// TDH.PHYMEM.PAGE.WBINVD under the global key, clear, free. A TDR that cannot be
+    /// reclaimed or written back is leaked.
     pub(crate) async fn tdx_reclaim_td_control_pages(&self, cx: &Ctx) {
         if self.st.borrow().tdx.hkid.is_some() {
-            // Upstream returns with `tdr_page` and `tdcs_pages` still set: nothing ever frees
-            // them (a later KVM_TDX_FINALIZE_VM still finds the TD). The ledger counts them
-            // leaked from now on.
-            let st = self.st.borrow();
-            let mut h = self.host.borrow_mut();
-            for &p in st.tdx.tdcs.iter().chain(&st.tdx.tdr) {
-                if !matches!(h.ledger.get(p).map(|e| e.owner), Ok(Owner::Leaked(_))) {
-                    let r = h.ledger.leak(p, LeakReason::HkidNotReleased);
-                    h.record(cx.step(), r);
-                }
-            }
             return;
         }
         let (tdcs, tdr) = {

@@ -285,7 +285,11 @@ fn vmm(r: &RawVmm, vcpus: u8) -> VmmOp {
         },
         RawVmm::CreateSlot => VmmOp::CreateSlot,
         // A few failures: enough to hit a topup or a guest_memfd allocation, not the whole run.
-        RawVmm::AllocFail(n) => VmmOp::AllocFail { n: 1 + n % 4 },
+        RawVmm::AllocFail(n) => VmmOp::AllocFail {
+            n: 1 + n % 4,
+            // Usually at once; sometimes part way into a multi-page allocation.
+            after: if n & 0x80 != 0 { (n >> 2) % 8 } else { 0 },
+        },
         RawVmm::DontNeed(g, len) => VmmOp::DontNeed {
             gfn: gfn(g),
             npages: npages(len),

@@ -94,8 +94,9 @@ pub enum VmmOp {
     /// Fault injection: the next call of `leaf` returns the non-BUSY error the module's
     /// handler of it can return (`tdx_module::ERROR_INJECTABLE`).
     InjectError { leaf: crate::tdx_module::Leaf },
-    /// Fault injection: the next `n` host page allocations fail.
-    AllocFail { n: u8 },
+    /// Fault injection: after `after` more host page allocations succeed, the next `n` fail
+    /// (`after` > 0 fails an operation part way, e.g. a TDCX page after the TDVPR).
+    AllocFail { n: u8, after: u8 },
     /// Fault injection (a kernel bug): KVM_SET_MEMORY_ATTRIBUTES stops zapping old mappings.
     InjectSkipConvertZap,
     /// Fault injection (a kernel bug): vCPUs enter the guest without IN_GUEST_MODE.

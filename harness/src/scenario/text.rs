@@ -166,7 +166,8 @@ fn vmm_op(op: &VmmOp) -> String {
         ),
         VmmOp::Finalize => "finalize".into(),
         VmmOp::ZeroStep { vcpu, gfn } => format!("zero_step vcpu{vcpu} {}", hex(gfn.raw())),
-        VmmOp::AllocFail { n } => format!("alloc_fail {n}"),
+        VmmOp::AllocFail { n, after: 0 } => format!("alloc_fail {n}"),
+        VmmOp::AllocFail { n, after } => format!("alloc_fail {n} after {after}"),
         VmmOp::InjectBusy { leaf, operand } => format!("inject_busy {leaf} {}", operand.name()),
         VmmOp::InjectError { leaf } => format!("inject_error {leaf}"),
         VmmOp::InjectSkipConvertZap => "inject_skip_convert_zap".into(),
@@ -411,7 +412,22 @@ fn parse_vmm_op(l: &Line<'_>, vcpus: u8) -> Result<VmmOp, ParseError> {
         ),
         "finalize" => (VmmOp::Finalize, 1),
         "zero_step" => (VmmOp::ZeroStep { vcpu: l.vcpu(1, vcpus)?, gfn: l.gfn(2)? }, 3),
-        "alloc_fail" => (VmmOp::AllocFail { n: l.num(1, "a count", 16)? as u8 }, 2),
+        "alloc_fail" => {
+            let n = l.num(1, "a count", 16)? as u8;
+            match l.toks.get(2) {
+                None => (VmmOp::AllocFail { n, after: 0 }, 2),
+                Some((_, "after")) => {
+                    let after = l.num(3, "a count of allocations that succeed first", 64)? as u8;
+                    (VmmOp::AllocFail { n, after }, 4)
+                }
+                Some((c, t)) => {
+                    return Err(l.err(
+                        *c,
+                        format!("expected `after` or the end of the line, found `{t}`"),
+                    ))
+                }
+            }
+        }
         "inject_busy" => {
             let (c, name) = l.tok(1, "a SEAMCALL leaf")?;
             let leaf = crate::tdx_module::Leaf::from_name(name)
