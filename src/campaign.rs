@@ -28,7 +28,7 @@ pub enum Stop {
     Runs(u64),
 }
 
-fn exec(target: Target, policy: Policy, bug: Option<KernelBug>, data: &[u8]) -> Option<Violation> {
+pub fn exec(target: Target, policy: Policy, bug: Option<KernelBug>, data: &[u8]) -> Option<Violation> {
     oracle::harness_bug::catch(|| exec_target(target, policy, bug, data))
 }
 
@@ -85,8 +85,136 @@ pub struct Found {
     pub known: usize,
 }
 
-/// Runs the campaign. `known` is the directory of known inputs (stack target only).
-#[allow(clippy::too_many_arguments)]
+/// Where a campaign's findings go: one artifact per distinct signature (raw input and report),
+/// buckets with hit counts and the smallest input, new vs known, and the live status line.
+pub struct Recorder {
+    target: Target,
+    policy: Policy,
+    dir: std::path::PathBuf,
+    known: Known,
+    buckets: Buckets,
+    pub found: Found,
+    bar: ProgressBar,
+    start: Instant,
+}
+
+impl Recorder {
+    /// Creates the artifact directory, replays the known inputs and starts the status line.
+    pub fn new(
+        target: Target,
+        policy: Policy,
+        artifacts: &Path,
+        known: Option<&Path>,
+    ) -> Result<Recorder> {
+        let dir = artifacts.join(target_name(target));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let known = match (target, known) {
+            (Target::Stack, Some(k)) => load_known(k, policy)?,
+            _ => Known::default(),
+        };
+        oracle::harness_bug::install_quiet_hook();
+        let bar = ProgressBar::new_spinner();
+        bar.set_style(ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {msg}",
+        )?);
+        bar.enable_steady_tick(Duration::from_millis(200));
+        Ok(Recorder {
+            target,
+            policy,
+            dir,
+            known,
+            buckets: Buckets::new(),
+            found: Found::default(),
+            bar,
+            start: Instant::now(),
+        })
+    }
+
+    /// Seconds since the campaign started.
+    pub fn elapsed(&self) -> Duration {
+        self.start.elapsed()
+    }
+
+    /// Buckets a violation of `input`; the first of its signature is written out and named.
+    pub fn record(&mut self, v: &Violation, input: &[u8]) -> Result<()> {
+        if self.buckets.add(v, input) {
+            let base = self.dir.join(v.signature_hash());
+            fs::write(base.with_extension("bin"), input)?;
+            fs::write(base.with_extension("txt"), v.to_string())?;
+            match self.known.name_of(v) {
+                Some(k) => {
+                    self.found.known += 1;
+                    self.bar
+                        .println(format!("known: {} (as {k})", v.signature()));
+                }
+                None => {
+                    self.found.new += 1;
+                    self.bar.println(format!("new: {}", v.signature()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Updates the status line; `extra` is the engine's own part (corpus, coverage).
+    pub fn status(&self, execs: u64, extra: &str) {
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        self.bar.set_message(format!(
+            "{} [{}] | execs {execs} ({:.0}/s){extra} | new findings {} | known {}",
+            target_name(self.target),
+            self.policy.name,
+            execs as f64 / secs,
+            self.found.new,
+            self.found.known,
+        ));
+    }
+
+    /// Ends the status line and prints the summary table; keeps each smallest reproducer.
+    pub fn finish(self, execs: u64, extra: &str) -> Result<Found> {
+        let _ = std::panic::take_hook();
+        let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        self.bar.finish_and_clear();
+        println!(
+            "{}: {execs} execs in {secs:.1}s ({:.0}/s){extra}, {} new and {} known distinct \
+             finding(s)",
+            target_name(self.target),
+            execs as f64 / secs,
+            self.found.new,
+            self.found.known
+        );
+        for (sig, b) in self.buckets.iter() {
+            let tag = if self.known.name_of(&b.violation).is_some() {
+                "known"
+            } else {
+                "NEW"
+            };
+            println!(
+                "  {tag:<5} {:>7} hits  {sig}  (smallest input {} bytes)",
+                b.hits,
+                b.smallest.len()
+            );
+            fs::write(
+                self.dir
+                    .join(b.violation.signature_hash())
+                    .with_extension("min.bin"),
+                &b.smallest,
+            )?;
+        }
+        Ok(self.found)
+    }
+}
+
+/// Whether a campaign that has run `execs` inputs should stop (the clock is read every 256).
+pub fn should_stop(stop: Stop, execs: u64, rec: &Recorder) -> bool {
+    match stop {
+        Stop::Runs(n) => execs >= n,
+        Stop::Seconds(s) => {
+            execs.is_multiple_of(256) && rec.elapsed() >= Duration::from_secs(s)
+        }
+    }
+}
+
+/// Runs the random-input campaign (`--engine random`): seeded random bytes, no feedback.
 pub fn run(
     target: Target,
     policy: Policy,
@@ -96,94 +224,21 @@ pub fn run(
     artifacts: &Path,
     known: Option<&Path>,
 ) -> Result<Found> {
-    let dir = artifacts.join(target_name(target));
-    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let known = match (target, known) {
-        (Target::Stack, Some(k)) => load_known(k, policy)?,
-        _ => Known::default(),
-    };
-    oracle::harness_bug::install_quiet_hook();
-    let bar = ProgressBar::new_spinner();
-    bar.set_style(ProgressStyle::with_template(
-        "{spinner} [{elapsed_precise}] {msg}",
-    )?);
-    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut rec = Recorder::new(target, policy, artifacts, known)?;
     let mut rng = SplitMix64::new(seed);
-    let mut buckets = Buckets::new();
-    let mut found = Found::default();
-    let start = Instant::now();
     let mut execs: u64 = 0;
     let mut buf = Vec::with_capacity(512);
-    loop {
-        let done = match stop {
-            Stop::Runs(n) => execs >= n,
-            Stop::Seconds(s) => {
-                execs.is_multiple_of(256) && start.elapsed() >= Duration::from_secs(s)
-            }
-        };
-        if done {
-            break;
-        }
+    while !should_stop(stop, execs, &rec) {
         buf.clear();
         let len = rng.below(256) as usize;
         buf.extend((0..len).map(|_| rng.next_u64() as u8));
         execs += 1;
         if let Some(v) = exec(target, policy, kernel_bug, &buf) {
-            if buckets.add(&v, &buf) {
-                let base = dir.join(v.signature_hash());
-                fs::write(base.with_extension("bin"), &buf)?;
-                fs::write(base.with_extension("txt"), v.to_string())?;
-                match known.name_of(&v) {
-                    Some(k) => {
-                        found.known += 1;
-                        bar.println(format!("known: {} (as {k})", v.signature()));
-                    }
-                    None => {
-                        found.new += 1;
-                        bar.println(format!("new: {}", v.signature()));
-                    }
-                }
-            }
+            rec.record(&v, &buf)?;
         }
         if execs.is_multiple_of(64) {
-            let secs = start.elapsed().as_secs_f64().max(1e-9);
-            bar.set_message(format!(
-                "{} [{}] | execs {execs} ({:.0}/s) | new findings {} | known {}",
-                target_name(target),
-                policy.name,
-                execs as f64 / secs,
-                found.new,
-                found.known,
-            ));
+            rec.status(execs, "");
         }
     }
-    let _ = std::panic::take_hook();
-    let secs = start.elapsed().as_secs_f64().max(1e-9);
-    bar.finish_and_clear();
-    println!(
-        "{}: {execs} execs in {secs:.1}s ({:.0}/s), {} new and {} known distinct finding(s)",
-        target_name(target),
-        execs as f64 / secs,
-        found.new,
-        found.known
-    );
-    for (sig, b) in buckets.iter() {
-        let tag = if known.name_of(&b.violation).is_some() {
-            "known"
-        } else {
-            "NEW"
-        };
-        println!(
-            "  {tag:<5} {:>7} hits  {sig}  (smallest input {} bytes)",
-            b.hits,
-            b.smallest.len()
-        );
-        // Keep the smallest reproducer next to the first one.
-        fs::write(
-            dir.join(b.violation.signature_hash())
-                .with_extension("min.bin"),
-            &b.smallest,
-        )?;
-    }
-    Ok(found)
+    rec.finish(execs, "")
 }

@@ -2,6 +2,7 @@
 
 mod bench;
 mod campaign;
+mod engine;
 mod load;
 mod matrix;
 
@@ -26,6 +27,15 @@ struct Cli {
 }
 
 /// What a campaign fuzzes.
+/// The campaign's engine.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Engine {
+    /// LibAFL in process, guided by the model's feedback map.
+    Libafl,
+    /// Seeded random bytes, no feedback (the first milestone's loop).
+    Random,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Target {
     /// The whole stack: scenarios (guest, VMM, KVM, TDX module) under fuzzed interleavings.
@@ -83,6 +93,13 @@ enum Cmd {
         /// fast the campaign finds what it breaks.
         #[arg(long, value_parser = parse_kernel_bug)]
         kernel_bug: Option<harness::kvm::KernelBug>,
+        /// The engine: coverage-guided (LibAFL, fed by the model's feedback map) or the old
+        /// seeded random loop.
+        #[arg(long, value_enum, default_value = "libafl")]
+        engine: Engine,
+        /// Seed inputs for the LibAFL engine (default: random inputs, an empty corpus).
+        #[arg(long)]
+        corpus: Option<PathBuf>,
     },
     /// Prints throughput figures.
     Bench {
@@ -189,6 +206,8 @@ fn real_main() -> Result<ExitCode> {
             artifacts,
             known,
             kernel_bug,
+            engine,
+            corpus,
         } => {
             let stop = match (seconds, runs) {
                 (_, Some(r)) => campaign::Stop::Runs(r),
@@ -196,15 +215,27 @@ fn real_main() -> Result<ExitCode> {
                 (None, None) => campaign::Stop::Seconds(60),
             };
             let known = known.or_else(default_known_dir);
-            let found = campaign::run(
-                target,
-                policy(&p)?,
-                kernel_bug,
-                stop,
-                seed,
-                &artifacts,
-                known.as_deref(),
-            )?;
+            let found = match engine {
+                Engine::Libafl => engine::run(
+                    target,
+                    policy(&p)?,
+                    kernel_bug,
+                    stop,
+                    seed,
+                    &artifacts,
+                    known.as_deref(),
+                    corpus.as_deref(),
+                )?,
+                Engine::Random => campaign::run(
+                    target,
+                    policy(&p)?,
+                    kernel_bug,
+                    stop,
+                    seed,
+                    &artifacts,
+                    known.as_deref(),
+                )?,
+            };
             // Findings are the product of a campaign, not a failure of the command.
             println!(
                 "{} new and {} known distinct finding(s); reports in {}",

@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod addr;
+pub mod coverage;
 pub mod guest;
 pub mod host;
 pub mod ids;

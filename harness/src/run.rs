@@ -498,6 +498,13 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                         let r = vmm_op(&kvm, &cx2, op, td, machine_ready).await;
                         // -EBADF: no vCPU fd to issue it on, so no ioctl reached KVM.
                         let ioctl = op.is_kvm_ioctl() && r != Err(Errno::EBADF);
+                        if crate::coverage::enabled() {
+                            use std::hash::{Hash, Hasher};
+                            let mut h = std::hash::DefaultHasher::new();
+                            std::mem::discriminant(&op).hash(&mut h);
+                            let errno = r.err().map_or(0, |e| u64::from(e.raw()));
+                            crate::coverage::hit(crate::coverage::Site::Errno, h.finish(), errno);
+                        }
                         if dead_before && ioctl && r != Err(Errno::EIO) {
                             dead_answers.borrow_mut().push((op, r));
                         }

@@ -56,12 +56,15 @@ impl Kvm {
         let v = &mut st.vcpus[vcpu];
         let set = v.requests & req.bit() != 0;
         v.requests &= !req.bit();
+        crate::coverage::hit(crate::coverage::Site::Request, u64::from(req.bit()), u64::from(set));
         set
     }
 
     /// `kvm_test_request`: test only.
     pub fn test_request(&self, vcpu: usize, req: Request) -> bool {
-        self.st.borrow().vcpus[vcpu].requests & req.bit() != 0
+        let set = self.st.borrow().vcpus[vcpu].requests & req.bit() != 0;
+        crate::coverage::hit(crate::coverage::Site::Request, u64::from(req.bit()) << 32, u64::from(set));
+        set
     }
 
     /// `kvm_request_pending`.

@@ -152,6 +152,14 @@ impl Ctx {
             Some((n, k)) if n == name => Some((n, k.saturating_add(1))),
             _ => Some((name, 1)),
         };
+        if crate::coverage::enabled() {
+            let k = r.map_or(0, |(_, k)| k);
+            crate::coverage::hit(
+                crate::coverage::Site::Retry,
+                crate::coverage::name_key(name),
+                crate::coverage::bucket(k),
+            );
+        }
     }
 
     /// Leaves the retry loop (see `retry`).
@@ -488,7 +496,13 @@ impl Executor {
                     ),
                 },
             };
-            self.core.tasks.borrow_mut()[pick.0 as usize].last_point = point;
+            let prev = std::mem::replace(
+                &mut self.core.tasks.borrow_mut()[pick.0 as usize].last_point,
+                point,
+            );
+            if crate::coverage::enabled() {
+                self.cover(pick, prev, point);
+            }
             self.core.trace.borrow_mut().push(TraceEvent {
                 step,
                 task: pick,
@@ -510,6 +524,44 @@ impl Executor {
             }) {
                 return Outcome::Stopped;
             }
+        }
+    }
+
+    /// Feedback-map sites of one step (`coverage`): the task's edge between yield points and,
+    /// when it blocked, the contended object with the kinds of waiter and holder.
+    fn cover(&self, task: TaskId, prev: Point, point: Point) {
+        use crate::coverage::{hit, name_key, task_kind, Site};
+        let objs = self.core.objs.borrow();
+        let key = |p: Point| -> u64 {
+            match p {
+                Point::Yield(s) | Point::YieldArg(s, _) => name_key(s),
+                Point::Lock { obj, op } => name_key(objs[obj.0 as usize].name) ^ (op as u64 + 1),
+                Point::Blocked { obj } => name_key(objs[obj.0 as usize].name).rotate_left(7),
+                Point::Note { what, .. } => name_key(what).rotate_left(13),
+                Point::Start => 1,
+                Point::Exit => 2,
+            }
+        };
+        hit(Site::Edge, key(prev), key(point));
+        if let Point::Blocked { obj } = point {
+            let tasks = self.core.tasks.borrow();
+            let kind = |t: TaskId| task_kind(&tasks[t.0 as usize].name);
+            let o = &objs[obj.0 as usize];
+            let holder = match &o.state {
+                sync::ObjState::Mutex { owner: Some(t) } => kind(*t),
+                sync::ObjState::RwLock {
+                    writer: Some(t), ..
+                } => kind(*t),
+                sync::ObjState::RwLock { readers, .. } if !readers.is_empty() => {
+                    kind(readers[0]) | 4
+                }
+                _ => 0,
+            };
+            hit(
+                Site::Contention,
+                name_key(o.name),
+                kind(task) << 8 | holder,
+            );
         }
     }
 

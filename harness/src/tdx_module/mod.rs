@@ -336,6 +336,11 @@ impl TdxModule {
             Ok(_) => Status::SUCCESS,
             Err(e) => e.status,
         };
+        crate::coverage::hit(
+            crate::coverage::Site::Seamcall,
+            u64::from(leaf.number()),
+            status.raw(),
+        );
         let step = cx.step();
         let mut st = self.st.borrow_mut();
         st.injected

@@ -94,7 +94,18 @@ impl TdxModule {
 
     /// The dispatcher's epilogue: BUSY_HOST_PRIORITY is reported to the guest as
     /// TDX_OPERAND_BUSY with the same operand, and a long enough run of them exits to the host.
-    fn tdcall_epilogue(&self, tdvpr: Pfn, r: TdcallResult) -> TdcallResult {
+    fn tdcall_epilogue(&self, tdvpr: Pfn, leaf: Leaf, r: TdcallResult) -> TdcallResult {
+        if crate::coverage::enabled() {
+            let status = match &r {
+                Ok(ret) => ret.status.raw(),
+                Err(_) => u64::MAX,
+            };
+            crate::coverage::hit(
+                crate::coverage::Site::Tdcall,
+                u64::from(leaf.number()),
+                status,
+            );
+        }
         let mut st = self.st.borrow_mut();
         let limit = st.config.hp_lock_timeout_attempts;
         let v = st.vcpus.get_mut(&tdvpr).expect("vcpu");
@@ -146,7 +157,7 @@ impl TdxModule {
         cx.yield_now(Point::Yield(leaf.name())).await;
         let tdr = self.tdr_of_running(tdvpr);
         let r = self.accept_inner(cx, tdr, gpa, level).await;
-        let r = self.tdcall_epilogue(tdvpr, r);
+        let r = self.tdcall_epilogue(tdvpr, Leaf::TdgMemPageAccept, r);
         note_tdcall(cx, leaf, &r);
         r
     }
@@ -257,7 +268,7 @@ impl TdxModule {
             })
         }
         .await;
-        let r = self.tdcall_epilogue(tdvpr, r);
+        let r = self.tdcall_epilogue(tdvpr, Leaf::TdgMemPageAttrRd, r);
         note_tdcall(cx, leaf, &r);
         r
     }
@@ -324,7 +335,7 @@ impl TdxModule {
             })
         }
         .await;
-        let r = self.tdcall_epilogue(tdvpr, r);
+        let r = self.tdcall_epilogue(tdvpr, Leaf::TdgMemPageAttrWr, r);
         note_tdcall(cx, leaf, &r);
         r
     }

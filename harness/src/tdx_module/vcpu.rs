@@ -312,6 +312,7 @@ impl TdxModule {
         };
         let mut outcome = EnterOutcome::Entered;
         if stepping {
+            crate::coverage::hit(crate::coverage::Site::ZeroStep, 0, 0);
             // The zero-step filter re-walks every logged GPA holding the tree lock exclusively:
             // host S-EPT leaves racing with it get TDX_OPERAND_BUSY|SEPT_TREE.
             cx.yield_now(Point::Yield(window_name(leaf))).await;

@@ -170,6 +170,11 @@ impl Kvm {
             return Faultin::Ret(RetPf::Emulate);
         };
         if slot.invalid {
+            crate::coverage::hit(
+                crate::coverage::Site::InvalidSlot,
+                u64::from(fault.prefetch),
+                0,
+            );
             // Deleted or moved under us (seed 004): prefetch punts to userspace.
             if fault.prefetch {
                 return Faultin::Err(Errno::EAGAIN);

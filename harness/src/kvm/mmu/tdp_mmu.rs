@@ -434,7 +434,11 @@ impl Kvm {
         };
         {
             let mut st = self.st.borrow_mut();
-            if st.mmu.spte(sp, idx) != old {
+            let now = st.mmu.spte(sp, idx);
+            if now != old {
+                if now.is_frozen() {
+                    crate::coverage::hit(crate::coverage::Site::FrozenSeen, level as u64, 0);
+                }
                 return Err(SetFail::Busy);
             }
             st.mmu.set(sp, idx, placeholder);

@@ -1,0 +1,176 @@
+//! The feedback map (issue 12): a fixed-size hit-count map the model fills while it runs, for a
+//! coverage-guided engine to observe instead of compiler instrumentation. It rewards what a
+//! race fuzzer needs to reach: new interleavings (edges between a task's consecutive yield
+//! points), new TDX module answers (leaf, status, busy operand), lock contention, retry-loop
+//! depths, request checks, errnos, zero-step mitigation, INVALID memslots and frozen SPTEs met
+//! by another task.
+//!
+//! One thread-local map, off by default: a site costs one flag test until an engine turns the
+//! map on. The map never feeds back into the run, so a run's trace does not depend on it.
+
+use std::cell::{Cell, RefCell};
+
+/// Entries in the map (a power of two).
+pub const MAP_SIZE: usize = 1 << 16;
+
+/// What a hit is about; each kind hashes into its own region of the index space.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Site {
+    /// A task went from one yield point to the next: (previous point, point).
+    Edge = 1,
+    /// A SEAMCALL ended: (leaf number, raw status incl. the busy operand).
+    Seamcall,
+    /// A TDCALL ended: (leaf number, raw status).
+    Tdcall,
+    /// A task blocked on a lock, SRCU or completion: (object name, waiter and holder kinds).
+    Contention,
+    /// A kernel retry loop went round again: (loop name, iterations in AFL buckets).
+    Retry,
+    /// A KVM request was tested or consumed: (request bit, whether it was pending).
+    Request,
+    /// A VMM op returned: (op kind, errno or 0).
+    Errno,
+    /// TDH.VP.ENTER found the zero-step threshold reached: (vCPU count of faulting GPAs, 0).
+    ZeroStep,
+    /// A fault or prefault met an INVALID memslot: (prefault?, 0).
+    InvalidSlot,
+    /// A task found a mirror SPTE frozen by another: (level, 0).
+    FrozenSeen,
+}
+
+thread_local! {
+    static ENABLED: Cell<bool> = const { Cell::new(false) };
+    static MAP: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Turns the map on (zeroed) or off for this thread.
+pub fn enable(on: bool) {
+    ENABLED.with(|e| e.set(on));
+    MAP.with(|m| {
+        let mut m = m.borrow_mut();
+        m.clear();
+        if on {
+            m.resize(MAP_SIZE, 0);
+        }
+    });
+}
+
+/// Whether the map is on.
+pub fn enabled() -> bool {
+    ENABLED.with(Cell::get)
+}
+
+/// Zeroes the map (before a run).
+pub fn reset() {
+    MAP.with(|m| m.borrow_mut().fill(0));
+}
+
+/// Copies the map into `dst` (`MAP_SIZE` bytes) and zeroes it.
+pub fn take_into(dst: &mut [u8]) {
+    MAP.with(|m| {
+        let mut m = m.borrow_mut();
+        dst.copy_from_slice(&m);
+        m.fill(0);
+    });
+}
+
+/// Entries hit since the last reset (for measurements).
+pub fn entries() -> usize {
+    MAP.with(|m| m.borrow().iter().filter(|&&b| b != 0).count())
+}
+
+/// Records one hit of `site` with arguments `a` and `b` (hit counts wrap, as AFL's do).
+#[inline]
+pub fn hit(site: Site, a: u64, b: u64) {
+    if !enabled() {
+        return;
+    }
+    let i = index(site, a, b);
+    MAP.with(|m| {
+        let mut m = m.borrow_mut();
+        m[i] = m[i].wrapping_add(1);
+    });
+}
+
+/// The map index of a hit: a SplitMix64 finaliser over the site and its arguments.
+fn index(site: Site, a: u64, b: u64) -> usize {
+    let mut z = (site as u64)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(a.rotate_left(21))
+        ^ b.rotate_left(43).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z as usize) & (MAP_SIZE - 1)
+}
+
+/// AFL's hit-count buckets: 1, 2, 3, 4-7, 8-15, 16-31, 32-127, 128+ -> 0..=7.
+pub fn bucket(n: u32) -> u64 {
+    match n {
+        0 => 0,
+        1 => 1,
+        2 => 2,
+        3 => 3,
+        4..=7 => 4,
+        8..=15 => 5,
+        16..=31 => 6,
+        32..=127 => 7,
+        _ => 8,
+    }
+}
+
+/// A stable key for a static name (its text, not its address, so that keys agree between the
+/// processes of a multi-core campaign).
+pub fn name_key(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// The kind of a task by its name: 1 vCPU, 2 VMM, 3 anything else.
+pub fn task_kind(name: &str) -> u64 {
+    if name.starts_with("vcpu") {
+        1
+    } else if name.starts_with("vmm") {
+        2
+    } else {
+        3
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hits_land_only_when_enabled_and_take_clears() {
+        enable(false);
+        hit(Site::Seamcall, 6, 0);
+        assert_eq!(entries(), 0, "off: nothing recorded");
+        enable(true);
+        hit(Site::Seamcall, 6, 0);
+        hit(Site::Seamcall, 6, 0);
+        hit(Site::Seamcall, 6, 0x8000_0200_0000_0000);
+        assert_eq!(entries(), 2);
+        let mut dst = vec![0u8; MAP_SIZE];
+        take_into(&mut dst);
+        assert_eq!(dst.iter().map(|&b| u32::from(b)).sum::<u32>(), 3);
+        assert_eq!(entries(), 0, "taken");
+        enable(false);
+    }
+
+    #[test]
+    fn buckets_are_afl_s() {
+        let rows = [(1, 1), (3, 3), (4, 4), (7, 4), (8, 5), (31, 6), (32, 7), (127, 7), (128, 8)];
+        for (n, b) in rows {
+            assert_eq!(bucket(n), b, "{n}");
+        }
+    }
+
+    #[test]
+    fn sites_with_the_same_arguments_differ() {
+        assert_ne!(index(Site::Seamcall, 1, 2), index(Site::Tdcall, 1, 2));
+        assert_ne!(index(Site::Edge, 1, 2), index(Site::Edge, 2, 1));
+    }
+}

@@ -1,0 +1,140 @@
+//! The coverage-guided engine behind `tdxfuzz fuzz` (issue 12): LibAFL in process, observing
+//! the model's own feedback map (`harness::coverage`: yield-point edges per task, SEAMCALL and
+//! TDCALL answers, lock contention, retry depths, requests, errnos) instead of compiler
+//! instrumentation, so it needs no nightly and no sanitizer. Inputs that reach new map entries
+//! (or new hit-count buckets) join the corpus and are mutated further; every violation is
+//! bucketed by signature through the same `Recorder` as the random loop, and a panic of the
+//! harness is a `harness_bug` finding, never the end of the campaign.
+
+use std::path::Path;
+use std::ptr::NonNull;
+
+use anyhow::{anyhow, Result};
+use harness::coverage::{self, MAP_SIZE};
+use harness::kvm::KernelBug;
+use harness::policy::Policy;
+use libafl::corpus::{Corpus, InMemoryCorpus};
+use libafl::events::SimpleEventManager;
+use libafl::executors::{ExitKind, InProcessExecutor};
+use libafl::feedbacks::{CrashFeedback, MaxMapFeedback};
+use libafl::fuzzer::{Fuzzer, StdFuzzer};
+use libafl::generators::RandBytesGenerator;
+use libafl::inputs::{BytesInput, HasTargetBytes};
+use libafl::monitors::NopMonitor;
+use libafl::mutators::{havoc_mutations, HavocScheduledMutator};
+use libafl::observers::StdMapObserver;
+use libafl::schedulers::QueueScheduler;
+use libafl::stages::StdMutationalStage;
+use libafl::state::{HasCorpus, HasExecutions, StdState};
+use libafl_bolts::rands::StdRand;
+use libafl_bolts::tuples::tuple_list;
+use libafl_bolts::ToSlice;
+
+use crate::campaign::{exec, should_stop, Found, Recorder, Stop};
+use crate::Target;
+
+/// Random inputs the corpus starts from when no seed directory is given.
+const INITIAL_INPUTS: usize = 32;
+
+/// The map the observer reads: leaked once per campaign so that it outlives the executor.
+fn observer_map() -> NonNull<u8> {
+    let map: &'static mut [u8] = Box::leak(vec![0u8; MAP_SIZE].into_boxed_slice());
+    NonNull::from(map).cast()
+}
+
+/// Runs a coverage-guided campaign; `corpus_dir` seeds it (empty: random inputs).
+#[allow(clippy::too_many_arguments)]
+pub fn run(
+    target: Target,
+    policy: Policy,
+    kernel_bug: Option<KernelBug>,
+    stop: Stop,
+    seed: u64,
+    artifacts: &Path,
+    known: Option<&Path>,
+    corpus_dir: Option<&Path>,
+) -> Result<Found> {
+    let rec = std::cell::RefCell::new(Recorder::new(target, policy, artifacts, known)?);
+    let map = observer_map();
+    coverage::enable(true);
+    let mut failure: Option<anyhow::Error> = None;
+    let mut harness_fn = |input: &BytesInput| {
+        let bytes = input.target_bytes();
+        let data = bytes.to_slice();
+        coverage::reset();
+        let v = exec(target, policy, kernel_bug, data);
+        // SAFETY: `map` points to MAP_SIZE bytes leaked above; the observer reads them only
+        // between runs of this closure, on this thread.
+        let dst = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), MAP_SIZE) };
+        coverage::take_into(dst);
+        if let Some(v) = v {
+            // A new kind of violation is new coverage too: keep the input that reached it.
+            let i = (coverage::name_key(&v.key) as usize) & (MAP_SIZE - 1);
+            dst[i] = dst[i].wrapping_add(1);
+            if let Err(e) = rec.borrow_mut().record(&v, data) {
+                failure.get_or_insert(e);
+            }
+        }
+        ExitKind::Ok
+    };
+    // SAFETY: as above; the observer is the map's only other user.
+    let observer = unsafe { StdMapObserver::from_mut_ptr("model", map.as_ptr(), MAP_SIZE) };
+    let mut feedback = MaxMapFeedback::new(&observer);
+    let mut objective = CrashFeedback::new();
+    let mut state = StdState::new(
+        StdRand::with_seed(seed),
+        InMemoryCorpus::<BytesInput>::new(),
+        InMemoryCorpus::new(),
+        &mut feedback,
+        &mut objective,
+    )
+    .map_err(|e| anyhow!("LibAFL state: {e}"))?;
+    let mut mgr = SimpleEventManager::new(NopMonitor::new());
+    let mut fuzzer = StdFuzzer::new(QueueScheduler::new(), feedback, objective);
+    let mut executor = InProcessExecutor::builder()
+        .harness(&mut harness_fn)
+        .observers(tuple_list!(observer))
+        .fuzzer(&mut fuzzer)
+        .state(&mut state)
+        .event_mgr(&mut mgr)
+        .build()
+        .map_err(|e| anyhow!("LibAFL executor: {e}"))?;
+    match corpus_dir {
+        Some(dir) => state
+            .load_initial_inputs(&mut fuzzer, &mut executor, &mut mgr, &[dir.to_path_buf()])
+            .map_err(|e| anyhow!("loading {}: {e}", dir.display()))?,
+        None => {
+            let mut generator = RandBytesGenerator::new(std::num::NonZeroUsize::new(256).unwrap());
+            state
+                .generate_initial_inputs(
+                    &mut fuzzer,
+                    &mut executor,
+                    &mut generator,
+                    &mut mgr,
+                    INITIAL_INPUTS,
+                )
+                .map_err(|e| anyhow!("initial inputs: {e}"))?;
+        }
+    }
+    let mutator = HavocScheduledMutator::new(havoc_mutations());
+    let mut stages = tuple_list!(StdMutationalStage::new(mutator));
+    loop {
+        let execs = *state.executions();
+        let extra = format!(" | corpus {}", state.corpus().count());
+        if should_stop(stop, execs - execs % 256, &rec.borrow()) {
+            break;
+        }
+        rec.borrow().status(execs, &extra);
+        fuzzer
+            .fuzz_one(&mut stages, &mut executor, &mut state, &mut mgr)
+            .map_err(|e| anyhow!("fuzzing: {e}"))?;
+    }
+    let execs = *state.executions();
+    let extra = format!(", corpus {}", state.corpus().count());
+    drop(executor);
+    coverage::enable(false);
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    rec.into_inner().finish(execs, &extra)
+}
