@@ -28,7 +28,12 @@ pub enum Stop {
     Runs(u64),
 }
 
-pub fn exec(target: Target, policy: Policy, bug: Option<KernelBug>, data: &[u8]) -> Option<Violation> {
+pub fn exec(
+    target: Target,
+    policy: Policy,
+    bug: Option<KernelBug>,
+    data: &[u8],
+) -> Option<Violation> {
     oracle::harness_bug::catch(|| exec_target(target, policy, bug, data))
 }
 
@@ -94,6 +99,8 @@ pub struct Recorder {
     known: Known,
     buckets: Buckets,
     pub found: Found,
+    /// Seconds into the campaign at which each signature was first seen.
+    first_at: std::collections::BTreeMap<String, f64>,
     bar: ProgressBar,
     start: Instant,
 }
@@ -125,6 +132,7 @@ impl Recorder {
             known,
             buckets: Buckets::new(),
             found: Found::default(),
+            first_at: Default::default(),
             bar,
             start: Instant::now(),
         })
@@ -141,15 +149,17 @@ impl Recorder {
             let base = self.dir.join(v.signature_hash());
             fs::write(base.with_extension("bin"), input)?;
             fs::write(base.with_extension("txt"), v.to_string())?;
+            let at = self.start.elapsed().as_secs_f64();
+            self.first_at.insert(v.signature(), at);
             match self.known.name_of(v) {
                 Some(k) => {
                     self.found.known += 1;
                     self.bar
-                        .println(format!("known: {} (as {k})", v.signature()));
+                        .println(format!("[{at:.1}s] known: {} (as {k})", v.signature()));
                 }
                 None => {
                     self.found.new += 1;
-                    self.bar.println(format!("new: {}", v.signature()));
+                    self.bar.println(format!("[{at:.1}s] new: {}", v.signature()));
                 }
             }
         }
@@ -188,8 +198,9 @@ impl Recorder {
             } else {
                 "NEW"
             };
+            let at = self.first_at.get(sig.as_str()).copied().unwrap_or(0.0);
             println!(
-                "  {tag:<5} {:>7} hits  {sig}  (smallest input {} bytes)",
+                "  {tag:<5} {:>7} hits  first at {at:>6.1}s  {sig}  (smallest input {} bytes)",
                 b.hits,
                 b.smallest.len()
             );
@@ -208,9 +219,7 @@ impl Recorder {
 pub fn should_stop(stop: Stop, execs: u64, rec: &Recorder) -> bool {
     match stop {
         Stop::Runs(n) => execs >= n,
-        Stop::Seconds(s) => {
-            execs.is_multiple_of(256) && rec.elapsed() >= Duration::from_secs(s)
-        }
+        Stop::Seconds(s) => execs.is_multiple_of(256) && rec.elapsed() >= Duration::from_secs(s),
     }
 }
 

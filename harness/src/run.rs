@@ -502,7 +502,7 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                             use std::hash::{Hash, Hasher};
                             let mut h = std::hash::DefaultHasher::new();
                             std::mem::discriminant(&op).hash(&mut h);
-                            let errno = r.err().map_or(0, |e| u64::from(e.raw()));
+                            let errno = r.err().map_or(0, |e| e.raw());
                             crate::coverage::hit(crate::coverage::Site::Errno, h.finish(), errno);
                         }
                         if dead_before && ioctl && r != Err(Errno::EIO) {

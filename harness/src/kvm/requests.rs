@@ -56,14 +56,22 @@ impl Kvm {
         let v = &mut st.vcpus[vcpu];
         let set = v.requests & req.bit() != 0;
         v.requests &= !req.bit();
-        crate::coverage::hit(crate::coverage::Site::Request, u64::from(req.bit()), u64::from(set));
+        crate::coverage::hit(
+            crate::coverage::Site::Request,
+            u64::from(req.bit()),
+            u64::from(set),
+        );
         set
     }
 
     /// `kvm_test_request`: test only.
     pub fn test_request(&self, vcpu: usize, req: Request) -> bool {
         let set = self.st.borrow().vcpus[vcpu].requests & req.bit() != 0;
-        crate::coverage::hit(crate::coverage::Site::Request, u64::from(req.bit()) << 32, u64::from(set));
+        crate::coverage::hit(
+            crate::coverage::Site::Request,
+            u64::from(req.bit()) << 32,
+            u64::from(set),
+        );
         set
     }
 

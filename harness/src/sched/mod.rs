@@ -557,11 +557,7 @@ impl Executor {
                 }
                 _ => 0,
             };
-            hit(
-                Site::Contention,
-                name_key(o.name),
-                kind(task) << 8 | holder,
-            );
+            hit(Site::Contention, name_key(o.name), kind(task) << 8 | holder);
         }
     }
 
