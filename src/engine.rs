@@ -61,7 +61,7 @@ pub fn run(
     let mut harness_fn = |input: &BytesInput| {
         let bytes = input.target_bytes();
         let data = bytes.to_slice();
-        coverage::reset();
+        // The map is zero here: `take_into` below left it so.
         let v = exec(target, policy, kernel_bug, data);
         // SAFETY: `map` points to MAP_SIZE bytes leaked above; the observer reads them only
         // between runs of this closure, on this thread.

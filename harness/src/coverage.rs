@@ -11,7 +11,7 @@
 use std::cell::{Cell, RefCell};
 
 /// Entries in the map (a power of two).
-pub const MAP_SIZE: usize = 1 << 16;
+pub const MAP_SIZE: usize = 1 << 14;
 
 /// What a hit is about; each kind hashes into its own region of the index space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
