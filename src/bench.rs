@@ -286,3 +286,59 @@ pub fn sept() {
         );
     }
 }
+
+/// `tdxfuzz bench --engines`: the LibAFL engine and the random loop, each for `secs` seconds
+/// on the stack target under upstream from an empty corpus (seed 1), one after the other:
+/// execs/s, and the feedback-map entries any input reached at a quarter, half and the end of
+/// the run (the random loop fills the map without using it: feedback off).
+pub fn engines(secs: u64) -> anyhow::Result<()> {
+    use crate::campaign::{self, Stop};
+    use harness::policy::Policy;
+    let dir = std::env::temp_dir().join("tdxfuzz-bench-engines");
+    let stop = Stop::Seconds(secs);
+    let known = crate::default_known_dir();
+    let libafl = crate::engine::run(
+        crate::Target::Stack,
+        Policy::UPSTREAM,
+        None,
+        stop,
+        1,
+        &dir.join("libafl"),
+        known.as_deref(),
+        None,
+    )?;
+    let random = campaign::run(
+        crate::Target::Stack,
+        Policy::UPSTREAM,
+        None,
+        stop,
+        1,
+        &dir.join("random"),
+        known.as_deref(),
+    )?;
+    let at = |f: &campaign::Found, frac: f64| -> usize {
+        let t = secs as f64 * frac;
+        f.coverage
+            .iter()
+            .take_while(|&&(s, _)| s <= t + 0.5)
+            .last()
+            .map_or(0, |&(_, e)| e)
+    };
+    println!("\nengines: stack target, upstream, seed 1, {secs} s each on one core, empty corpus");
+    println!(
+        "{:<8} {:>10} {:>9} {:>12} {:>12} {:>12} {:>9}",
+        "engine", "execs", "execs/s", "map @25%", "map @50%", "map @100%", "findings"
+    );
+    for (name, f) in [("libafl", &libafl), ("random", &random)] {
+        println!(
+            "{name:<8} {:>10} {:>9.0} {:>12} {:>12} {:>12} {:>9}",
+            f.execs,
+            f.execs as f64 / secs as f64,
+            at(f, 0.25),
+            at(f, 0.5),
+            at(f, 1.0),
+            f.new + f.known
+        );
+    }
+    Ok(())
+}

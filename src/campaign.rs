@@ -82,12 +82,16 @@ fn load_known(dir: &Path, policy: Policy) -> Result<Known> {
 }
 
 /// Totals of a campaign.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct Found {
     /// Distinct signatures no known input shows.
     pub new: usize,
     /// Distinct known signatures hit.
     pub known: usize,
+    /// Inputs run.
+    pub execs: u64,
+    /// Feedback-map entries any input reached, sampled about once a second: (seconds, entries).
+    pub coverage: Vec<(f64, usize)>,
 }
 
 /// Where a campaign's findings go: one artifact per distinct signature (raw input and report),
@@ -101,6 +105,10 @@ pub struct Recorder {
     pub found: Found,
     /// Seconds into the campaign at which each signature was first seen.
     first_at: std::collections::BTreeMap<String, f64>,
+    /// Feedback-map entries any input of the campaign reached (whether or not the engine
+    /// uses the map), and how many.
+    reached: Vec<bool>,
+    entries: usize,
     bar: ProgressBar,
     start: Instant,
 }
@@ -133,6 +141,8 @@ impl Recorder {
             buckets: Buckets::new(),
             found: Found::default(),
             first_at: Default::default(),
+            reached: vec![false; harness::coverage::MAP_SIZE],
+            entries: 0,
             bar,
             start: Instant::now(),
         })
@@ -159,36 +169,59 @@ impl Recorder {
                 }
                 None => {
                     self.found.new += 1;
-                    self.bar.println(format!("[{at:.1}s] new: {}", v.signature()));
+                    self.bar
+                        .println(format!("[{at:.1}s] new: {}", v.signature()));
                 }
             }
         }
         Ok(())
     }
 
-    /// Updates the status line; `extra` is the engine's own part (corpus, coverage).
-    pub fn status(&self, execs: u64, extra: &str) {
+    /// Adds one run's feedback map to the entries the campaign reached.
+    pub fn cover(&mut self, map: &[u8]) {
+        for (r, &m) in self.reached.iter_mut().zip(map) {
+            if m != 0 && !*r {
+                *r = true;
+                self.entries += 1;
+            }
+        }
+    }
+
+    /// Updates the status line; `extra` is the engine's own part (its corpus).
+    pub fn status(&mut self, execs: u64, extra: &str) {
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
+        if self
+            .found
+            .coverage
+            .last()
+            .is_none_or(|&(t, _)| secs - t >= 1.0)
+        {
+            self.found.coverage.push((secs, self.entries));
+        }
         self.bar.set_message(format!(
-            "{} [{}] | execs {execs} ({:.0}/s){extra} | new findings {} | known {}",
+            "{} [{}] | execs {execs} ({:.0}/s){extra} | map {} | new findings {} | known {}",
             target_name(self.target),
             self.policy.name,
             execs as f64 / secs,
+            self.entries,
             self.found.new,
             self.found.known,
         ));
     }
 
     /// Ends the status line and prints the summary table; keeps each smallest reproducer.
-    pub fn finish(self, execs: u64, extra: &str) -> Result<Found> {
+    pub fn finish(mut self, execs: u64, extra: &str) -> Result<Found> {
         let _ = std::panic::take_hook();
         let secs = self.start.elapsed().as_secs_f64().max(1e-9);
         self.bar.finish_and_clear();
+        self.found.execs = execs;
+        self.found.coverage.push((secs, self.entries));
         println!(
-            "{}: {execs} execs in {secs:.1}s ({:.0}/s){extra}, {} new and {} known distinct \
-             finding(s)",
+            "{}: {execs} execs in {secs:.1}s ({:.0}/s){extra}, map {} entries, {} new and {} \
+             known distinct finding(s)",
             target_name(self.target),
             execs as f64 / secs,
+            self.entries,
             self.found.new,
             self.found.known
         );
@@ -237,17 +270,24 @@ pub fn run(
     let mut rng = SplitMix64::new(seed);
     let mut execs: u64 = 0;
     let mut buf = Vec::with_capacity(512);
+    // The map is filled and measured, not used: this loop is the feedback-off baseline.
+    harness::coverage::enable(true);
+    let mut map = vec![0u8; harness::coverage::MAP_SIZE];
     while !should_stop(stop, execs, &rec) {
         buf.clear();
         let len = rng.below(256) as usize;
         buf.extend((0..len).map(|_| rng.next_u64() as u8));
         execs += 1;
-        if let Some(v) = exec(target, policy, kernel_bug, &buf) {
+        let v = exec(target, policy, kernel_bug, &buf);
+        harness::coverage::take_into(&mut map);
+        rec.cover(&map);
+        if let Some(v) = v {
             rec.record(&v, &buf)?;
         }
         if execs.is_multiple_of(64) {
             rec.status(execs, "");
         }
     }
+    harness::coverage::enable(false);
     rec.finish(execs, "")
 }

@@ -75,6 +75,7 @@ pub fn run(
                 failure.get_or_insert(e);
             }
         }
+        rec.borrow_mut().cover(dst);
         ExitKind::Ok
     };
     // SAFETY: as above; the observer is the map's only other user.
@@ -124,7 +125,7 @@ pub fn run(
         if should_stop(stop, execs - execs % 256, &rec.borrow()) {
             break;
         }
-        rec.borrow().status(execs, &extra);
+        rec.borrow_mut().status(execs, &extra);
         fuzzer
             .fuzz_one(&mut stages, &mut executor, &mut state, &mut mgr)
             .map_err(|e| anyhow!("fuzzing: {e}"))?;

@@ -116,12 +116,19 @@ enum Cmd {
         /// peak host pages, conversion latency in steps, on one workload.
         #[arg(long)]
         sept: bool,
+        /// The LibAFL engine against the random loop on the stack target, one after the
+        /// other on one core: execs/s and feedback-map entries reached over time.
+        #[arg(long)]
+        engines: bool,
+        /// Seconds per engine for --engines.
+        #[arg(long, default_value_t = 30)]
+        engine_seconds: u64,
     },
 }
 
 /// `corpus/known` in the working directory, else in the source tree this binary was built
 /// from (so a campaign started elsewhere still knows the known findings).
-fn default_known_dir() -> Option<PathBuf> {
+pub fn default_known_dir() -> Option<PathBuf> {
     [
         PathBuf::from("corpus/known"),
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("corpus/known"),
@@ -250,11 +257,16 @@ fn real_main() -> Result<ExitCode> {
             rounds,
             stack,
             sept,
+            engines,
+            engine_seconds,
         } => {
-            if !scheduler && !stack && !sept {
+            if !scheduler && !stack && !sept && !engines {
                 return Err(anyhow!(
-                    "nothing to benchmark: pass --scheduler, --stack and/or --sept"
+                    "nothing to benchmark: pass --scheduler, --stack, --sept and/or --engines"
                 ));
+            }
+            if engines {
+                bench::engines(engine_seconds)?;
             }
             if scheduler {
                 bench::scheduler(rounds);

@@ -11,7 +11,7 @@
 use std::cell::{Cell, RefCell};
 
 /// Entries in the map (a power of two).
-pub const MAP_SIZE: usize = 1 << 14;
+pub const MAP_SIZE: usize = 1 << 15;
 
 /// What a hit is about; each kind hashes into its own region of the index space.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -19,6 +19,9 @@ pub const MAP_SIZE: usize = 1 << 14;
 pub enum Site {
     /// A task went from one yield point to the next: (previous point, point).
     Edge = 1,
+    /// A context switch: (the point the task that ran before stands at, the point this task
+    /// resumes from): which pairs of program points interleave.
+    Interleave,
     /// A SEAMCALL ended: (leaf number, raw status incl. the busy operand).
     Seamcall,
     /// A TDCALL ended: (leaf number, raw status).

@@ -463,6 +463,7 @@ impl Executor {
                     step,
                 })
             };
+            let switched_from = self.last.filter(|&t| t != pick);
             self.last = Some(pick);
             self.core.current.set(pick);
             self.core.step.set(step + 1);
@@ -501,7 +502,9 @@ impl Executor {
                 point,
             );
             if crate::coverage::enabled() {
-                self.cover(pick, prev, point);
+                let other =
+                    switched_from.map(|t| self.core.tasks.borrow()[t.0 as usize].last_point);
+                self.cover(pick, prev, point, other);
             }
             self.core.trace.borrow_mut().push(TraceEvent {
                 step,
@@ -527,9 +530,10 @@ impl Executor {
         }
     }
 
-    /// Feedback-map sites of one step (`coverage`): the task's edge between yield points and,
-    /// when it blocked, the contended object with the kinds of waiter and holder.
-    fn cover(&self, task: TaskId, prev: Point, point: Point) {
+    /// Feedback-map sites of one step (`coverage`): the task's edge between yield points; at a
+    /// context switch, the interleaving (where the task that ran before stands, where this one
+    /// resumes); when it blocked, the contended object with the kinds of waiter and holder.
+    fn cover(&self, task: TaskId, prev: Point, point: Point, other: Option<Point>) {
         use crate::coverage::{hit, name_key, task_kind, Site};
         let objs = self.core.objs.borrow();
         let key = |p: Point| -> u64 {
@@ -543,6 +547,9 @@ impl Executor {
             }
         };
         hit(Site::Edge, key(prev), key(point));
+        if let Some(o) = other {
+            hit(Site::Interleave, key(o), key(prev));
+        }
         if let Point::Blocked { obj } = point {
             let tasks = self.core.tasks.borrow();
             let kind = |t: TaskId| task_kind(&tasks[t.0 as usize].name);
