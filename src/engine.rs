@@ -61,21 +61,25 @@ pub fn run(
     let mut harness_fn = |input: &BytesInput| {
         let bytes = input.target_bytes();
         let data = bytes.to_slice();
-        // The map is zero here: `take_into` below left it so.
+        // The model's map is zero here: `take_into` below left it so.
         let v = exec(target, policy, kernel_bug, data);
         // SAFETY: `map` points to MAP_SIZE bytes leaked above; the observer reads them only
         // between runs of this closure, on this thread.
         let dst = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), MAP_SIZE) };
-        coverage::take_into(dst);
+        // The observer zeroed `dst` before this run (`pre_exec`).
+        {
+            let mut rec = rec.borrow_mut();
+            coverage::take_into(dst, |i| rec.cover(i));
+        }
         if let Some(v) = v {
             // A new kind of violation is new coverage too: keep the input that reached it.
             let i = (coverage::name_key(&v.key) as usize) & (MAP_SIZE - 1);
             dst[i] = dst[i].wrapping_add(1);
+            rec.borrow_mut().cover(i);
             if let Err(e) = rec.borrow_mut().record(&v, data) {
                 failure.get_or_insert(e);
             }
         }
-        rec.borrow_mut().cover(dst);
         ExitKind::Ok
     };
     // SAFETY: as above; the observer is the map's only other user.

@@ -44,7 +44,14 @@ pub enum Site {
 
 thread_local! {
     static ENABLED: Cell<bool> = const { Cell::new(false) };
-    static MAP: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+    static MAP: RefCell<Map> = const { RefCell::new(Map { counts: Vec::new(), touched: Vec::new() }) };
+}
+
+/// The counts, and the entries this run touched (so that taking and clearing the map costs
+/// what the run hit, not the map's size).
+struct Map {
+    counts: Vec<u8>,
+    touched: Vec<u32>,
 }
 
 /// Turns the map on (zeroed) or off for this thread.
@@ -52,9 +59,10 @@ pub fn enable(on: bool) {
     ENABLED.with(|e| e.set(on));
     MAP.with(|m| {
         let mut m = m.borrow_mut();
-        m.clear();
+        m.counts.clear();
+        m.touched.clear();
         if on {
-            m.resize(MAP_SIZE, 0);
+            m.counts.resize(MAP_SIZE, 0);
         }
     });
 }
@@ -66,21 +74,49 @@ pub fn enabled() -> bool {
 
 /// Zeroes the map (before a run).
 pub fn reset() {
-    MAP.with(|m| m.borrow_mut().fill(0));
-}
-
-/// Copies the map into `dst` (`MAP_SIZE` bytes) and zeroes it.
-pub fn take_into(dst: &mut [u8]) {
     MAP.with(|m| {
         let mut m = m.borrow_mut();
-        dst.copy_from_slice(&m);
-        m.fill(0);
+        let Map { counts, touched } = &mut *m;
+        for &i in touched.iter() {
+            counts[i as usize] = 0;
+        }
+        touched.clear();
+    });
+}
+
+/// Moves the run's hits into `dst` (`MAP_SIZE` bytes, zero where this run hit nothing, as a
+/// map observer leaves it before each run) and zeroes the map; calls `each` with every index
+/// the run hit.
+pub fn take_into(dst: &mut [u8], mut each: impl FnMut(usize)) {
+    MAP.with(|m| {
+        let mut m = m.borrow_mut();
+        let Map { counts, touched } = &mut *m;
+        for &i in touched.iter() {
+            let i = i as usize;
+            dst[i] = counts[i];
+            counts[i] = 0;
+            each(i);
+        }
+        touched.clear();
+    });
+}
+
+/// Zeroes the map, calling `each` with every index the run hit (no observer to fill).
+pub fn take(mut each: impl FnMut(usize)) {
+    MAP.with(|m| {
+        let mut m = m.borrow_mut();
+        let Map { counts, touched } = &mut *m;
+        for &i in touched.iter() {
+            counts[i as usize] = 0;
+            each(i as usize);
+        }
+        touched.clear();
     });
 }
 
 /// Entries hit since the last reset (for measurements).
 pub fn entries() -> usize {
-    MAP.with(|m| m.borrow().iter().filter(|&&b| b != 0).count())
+    MAP.with(|m| m.borrow().touched.len())
 }
 
 /// Records one hit of `site` with arguments `a` and `b` (hit counts wrap, as AFL's do).
@@ -92,7 +128,11 @@ pub fn hit(site: Site, a: u64, b: u64) {
     let i = index(site, a, b);
     MAP.with(|m| {
         let mut m = m.borrow_mut();
-        m[i] = m[i].wrapping_add(1);
+        if m.counts[i] == 0 {
+            m.touched.push(i as u32);
+        }
+        // Wrapping back to 0 leaves `i` listed once more: harmless, take_into rewrites it.
+        m.counts[i] = m.counts[i].wrapping_add(1);
     });
 }
 
@@ -131,6 +171,15 @@ pub fn name_key(s: &str) -> u64 {
     })
 }
 
+/// A cheap key for a name compiled into the binary: its offset from an anchor in the same
+/// read-only data, which address randomisation shifts as a whole (so keys, and with them a
+/// campaign's choices, are the same from run to run of one binary).
+#[inline]
+pub fn static_key(s: &'static str) -> u64 {
+    static ANCHOR: &str = "tdxfuzz coverage anchor";
+    (s.as_ptr() as u64).wrapping_sub(ANCHOR.as_ptr() as u64) ^ ((s.len() as u64) << 48)
+}
+
 /// The kind of a task by its name: 1 vCPU, 2 VMM, 3 anything else.
 pub fn task_kind(name: &str) -> u64 {
     if name.starts_with("vcpu") {
@@ -157,7 +206,9 @@ mod tests {
         hit(Site::Seamcall, 6, 0x8000_0200_0000_0000);
         assert_eq!(entries(), 2);
         let mut dst = vec![0u8; MAP_SIZE];
-        take_into(&mut dst);
+        let mut hit_entries = 0;
+        take_into(&mut dst, |_| hit_entries += 1);
+        assert_eq!(hit_entries, 2);
         assert_eq!(dst.iter().map(|&b| u32::from(b)).sum::<u32>(), 3);
         assert_eq!(entries(), 0, "taken");
         enable(false);

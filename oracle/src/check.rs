@@ -119,11 +119,15 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
         drop(st);
         let h = host.borrow();
         // The page a failed zap abandoned may go back to the host once the VM is bugged.
-        let tolerated = crate::aftermath::Tolerated::of(&kvm);
-        let refused: Vec<_> = h.refused[refused_seen..]
-            .iter()
-            .filter(|(_, e)| !tolerated.page(e.pfn()))
-            .collect();
+        let refused: Vec<_> = if h.refused.len() > refused_seen {
+            let tolerated = crate::aftermath::Tolerated::of(&kvm);
+            h.refused[refused_seen..]
+                .iter()
+                .filter(|(_, e)| !tolerated.page(e.pfn()))
+                .collect()
+        } else {
+            Vec::new()
+        };
         if let Some((step, e)) = refused.first() {
             let r = format!("host refused at step {step}: {e}");
             let key = e.to_string();

@@ -156,7 +156,7 @@ impl Ctx {
             let k = r.map_or(0, |(_, k)| k);
             crate::coverage::hit(
                 crate::coverage::Site::Retry,
-                crate::coverage::name_key(name),
+                crate::coverage::static_key(name),
                 crate::coverage::bucket(k),
             );
         }
@@ -534,14 +534,14 @@ impl Executor {
     /// context switch, the interleaving (where the task that ran before stands, where this one
     /// resumes); when it blocked, the contended object with the kinds of waiter and holder.
     fn cover(&self, task: TaskId, prev: Point, point: Point, other: Option<Point>) {
-        use crate::coverage::{hit, name_key, task_kind, Site};
+        use crate::coverage::{hit, name_key, static_key, task_kind, Site};
         let objs = self.core.objs.borrow();
         let key = |p: Point| -> u64 {
             match p {
-                Point::Yield(s) | Point::YieldArg(s, _) => name_key(s),
-                Point::Lock { obj, op } => name_key(objs[obj.0 as usize].name) ^ (op as u64 + 1),
-                Point::Blocked { obj } => name_key(objs[obj.0 as usize].name).rotate_left(7),
-                Point::Note { what, .. } => name_key(what).rotate_left(13),
+                Point::Yield(s) | Point::YieldArg(s, _) => static_key(s),
+                Point::Lock { obj, op } => static_key(objs[obj.0 as usize].name) ^ (op as u64 + 1),
+                Point::Blocked { obj } => static_key(objs[obj.0 as usize].name).rotate_left(7),
+                Point::Note { what, .. } => static_key(what).rotate_left(13),
                 Point::Start => 1,
                 Point::Exit => 2,
             }
