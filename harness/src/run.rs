@@ -31,15 +31,39 @@ pub struct RunConfig {
     pub host_pages: usize,
     /// A kernel bug switched on before the run starts (`tdxfuzz fuzz --kernel-bug`).
     pub kernel_bug: Option<KernelBug>,
+    /// Pages of guest_memfd 0 and of the memslot the build binds.
+    pub guest_pages: u64,
 }
+
+/// Memslot pages of a fuzzing run under policy `sept_off_to_side`: the decoder's first two
+/// 2M regions' pages at 0x10 and 0x200 stay inside it.
+pub const FUZZ_SIDE_GUEST_PAGES: u64 = 0x240;
 
 impl RunConfig {
     /// The default bounds. Policy `sept_off_to_side` (seed 001) backs the whole memslot from
     /// the start, and a memslot delete, create or teardown unmaps or maps all of it (about 8
     /// steps a page, more while other tasks share the CPU): it gets the memory and the steps.
     pub fn new(policy: Policy, trace: TraceMode) -> Self {
-        let side_pages = if policy.sept_off_to_side {
+        Self::with_guest_pages(policy, trace, crate::stack::GUEST_PAGES)
+    }
+
+    /// The bounds for a fuzzing run: as `new`, except that policy `sept_off_to_side` gets a
+    /// memslot of `FUZZ_SIDE_GUEST_PAGES` (it maps and unmaps every page of it, which at full
+    /// size costs 50 to 100 times an upstream run; `bench --sept` keeps the full size). Gfns
+    /// past it have no memslot (their faults are emulated MMIO) and initial pages past it are
+    /// not added.
+    pub fn for_fuzzing(policy: Policy, trace: TraceMode) -> Self {
+        let pages = if policy.sept_off_to_side {
+            FUZZ_SIDE_GUEST_PAGES
+        } else {
             crate::stack::GUEST_PAGES
+        };
+        Self::with_guest_pages(policy, trace, pages)
+    }
+
+    fn with_guest_pages(policy: Policy, trace: TraceMode, guest_pages: u64) -> Self {
+        let side_pages = if policy.sept_off_to_side {
+            guest_pages
         } else {
             0
         };
@@ -50,6 +74,7 @@ impl RunConfig {
             liveness_budget: 40_000 + 64 * side_pages,
             host_pages: 700 + side_pages as usize,
             kernel_bug: None,
+            guest_pages,
         }
     }
 }
@@ -200,12 +225,20 @@ async fn vmm_op(
             .await
         }
         VmmOp::CreateSlot => {
+            // Slot 0 over the whole of guest_memfd 0.
             let file = crate::ids::GmemId(0);
+            let pages = kvm
+                .st
+                .borrow()
+                .gmem
+                .files
+                .get(&file)
+                .map_or(0, |g| g.npages);
             kvm.create_memslot(
                 cx,
                 crate::ids::SlotId(0),
                 crate::addr::Gfn::new(0),
-                crate::stack::GUEST_PAGES,
+                pages,
                 Some((file, crate::ids::PgOff(0))),
             )
             .await
@@ -398,12 +431,20 @@ fn leak_point(p: &str) -> &'static str {
 /// run. The caller makes its observer from `run.stack`'s handles, then calls `Run::execute`.
 pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
     let mut stack = Stack::new(cfg.policy, cfg.host_pages, cfg.trace);
+    stack.guest_pages = cfg.guest_pages;
     let max_vcpus = sc.td.max_vcpus.unwrap_or(crate::scenario::MAX_VCPUS);
     if sc.td.build_ops {
         stack.prepare_for_build_ops(max_vcpus);
     } else {
         stack.kvm.st.borrow_mut().max_vcpus = u32::from(max_vcpus);
-        stack.build_configured(sc.vcpus, &sc.init_pages, sc.td.attributes());
+        // A smaller fuzzing memslot (`for_fuzzing`) measures only the initial pages inside it.
+        let init: Vec<_> = sc
+            .init_pages
+            .iter()
+            .copied()
+            .filter(|(g, _)| g.raw() < cfg.guest_pages)
+            .collect();
+        stack.build_configured(sc.vcpus, &init, sc.td.attributes());
     }
     if let Some(bug) = cfg.kernel_bug {
         bug.arm(&mut stack.kvm.st.borrow_mut().injected);
@@ -495,6 +536,9 @@ pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
                             let st = kvm.st.borrow();
                             (st.dead_since.is_some(), st.tdx.state)
                         };
+                        // Every op of the VMM (ioctl or file op) begins here, on a dead VM or
+                        // not; the ioctl gates mark it again as they check.
+                        kvm.module.note_ioctl_entry(cx2.current(), kvm.is_dead());
                         let r = vmm_op(&kvm, &cx2, op, td, machine_ready).await;
                         // -EBADF: no vCPU fd to issue it on, so no ioctl reached KVM.
                         let ioctl = op.is_kvm_ioctl() && r != Err(Errno::EBADF);

@@ -25,6 +25,9 @@ pub struct Stack {
     pub host: HostRef,
     pub module: Rc<TdxModule>,
     pub kvm: Rc<Kvm>,
+    /// Pages of guest_memfd 0 and of the memslot the build binds (GUEST_PAGES unless a run's
+    /// configuration says otherwise).
+    pub guest_pages: u64,
 }
 
 impl Stack {
@@ -40,6 +43,7 @@ impl Stack {
             host,
             module,
             kvm,
+            guest_pages: GUEST_PAGES,
         }
     }
 
@@ -72,6 +76,7 @@ impl Stack {
     /// `build_with` with `init_vm->attributes` for KVM_TDX_INIT_VM.
     pub fn build_configured(&mut self, nvcpus: u8, init_pages: &[(Gfn, u64)], attributes: u64) {
         let init = init_pages.to_vec();
+        let pages = self.guest_pages;
         self.run_setup(move |cx, kvm| async move {
             // QEMU enables MapGPA exits for a TD (KVM_CAP_EXIT_HYPERCALL).
             kvm.enable_cap_exit_hypercall(1 << crate::kvm::vmx::tdvmcall::KVM_HC_MAP_GPA_RANGE)
@@ -88,17 +93,11 @@ impl Stack {
                     .await
                     .expect("KVM_TDX_INIT_VCPU");
             }
-            let g = kvm.create_guest_memfd(GUEST_PAGES);
-            kvm.create_memslot(
-                &cx,
-                SlotId(0),
-                Gfn::new(0),
-                GUEST_PAGES,
-                Some((g, PgOff(0))),
-            )
-            .await
-            .expect("memslot");
-            kvm.set_memory_attributes(&cx, Gfn::new(0), Gfn::new(GUEST_PAGES), true)
+            let g = kvm.create_guest_memfd(pages);
+            kvm.create_memslot(&cx, SlotId(0), Gfn::new(0), pages, Some((g, PgOff(0))))
+                .await
+                .expect("memslot");
+            kvm.set_memory_attributes(&cx, Gfn::new(0), Gfn::new(pages), true)
                 .await
                 .expect("attributes");
             for (gfn, v) in init {
@@ -118,7 +117,7 @@ impl Stack {
         kvm.st.borrow_mut().max_vcpus = u32::from(max_vcpus);
         kvm.enable_cap_exit_hypercall(1 << crate::kvm::vmx::tdvmcall::KVM_HC_MAP_GPA_RANGE)
             .expect("KVM_CAP_EXIT_HYPERCALL before any vCPU");
-        kvm.create_guest_memfd(GUEST_PAGES);
+        kvm.create_guest_memfd(self.guest_pages);
     }
 
     /// Spawns vCPU `v`'s userspace thread running `program`; its end is written to `out`.

@@ -140,7 +140,8 @@ pub fn stack_with_bug(
     data: &[u8],
 ) -> Option<Violation> {
     let sc = harness::scenario::decode::decode(data);
-    let mut cfg = harness::run::RunConfig::new(policy, TraceMode::Ring(crate::liveness::RECENT));
+    let mut cfg =
+        harness::run::RunConfig::for_fuzzing(policy, TraceMode::Ring(crate::liveness::RECENT));
     cfg.kernel_bug = kernel_bug;
     crate::check::run_scenario(&sc, &cfg).violation
 }
@@ -181,7 +182,8 @@ pub fn is_known(sc: &harness::scenario::Scenario, v: &Violation) -> bool {
 /// `stack` without the known findings (for the libFuzzer target).
 pub fn stack_new_findings(policy: harness::policy::Policy, data: &[u8]) -> Option<Violation> {
     let sc = harness::scenario::decode::decode(data);
-    let cfg = harness::run::RunConfig::new(policy, TraceMode::Ring(crate::liveness::RECENT));
+    let cfg =
+        harness::run::RunConfig::for_fuzzing(policy, TraceMode::Ring(crate::liveness::RECENT));
     crate::check::run_scenario(&sc, &cfg)
         .violation
         .filter(|v| !is_known(&sc, v))

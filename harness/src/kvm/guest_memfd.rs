@@ -224,7 +224,7 @@ impl Kvm {
     /// (`kvm_gmem_punch_hole`): under the inode's invalidate lock, zap every mapping of the
     /// range (S-EPT removal included), free its pages, end the invalidation. Policy
     /// `sept_off_to_side` (seed 001) refills the hole's private gfns with fresh pages before
-    /// the invalidation ends (nothing would fault them in).
+    /// the invalidation ends (nothing would fault them in), unless the VM is dead.
     pub async fn kvm_gmem_punch_hole(
         &self,
         cx: &Ctx,
@@ -268,7 +268,9 @@ impl Kvm {
         }
         cx.yield_at("truncate_inode_pages_range").await;
         let mut r = Ok(());
-        if self.policy.sept_off_to_side {
+        // A dead VM's hole is not refilled: the design leaves that open, and building state in
+        // a TD nothing will run again only delays its teardown.
+        if self.policy.sept_off_to_side && !self.is_dead() {
             for b in &bindings {
                 let m = self
                     .sept_side_populate(cx, b.start, b.end, Some(file))

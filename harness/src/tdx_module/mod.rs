@@ -197,9 +197,11 @@ pub struct ModuleState {
 }
 
 /// SEAMCALLs that build or run the TD (`Leaf::builds_or_runs`) issued by a task whose current
-/// ioctl began after the VM was dead (KVM marks the task at the ioctl's entry). Upstream turns
-/// such an ioctl away with -EIO before it reaches the module; an ioctl already running when the
-/// VM died is not marked (its in-flight calls are not this check's business).
+/// operation (an ioctl, a file op on guest_memfd, KVM_RUN) began after the VM was dead: the VMM
+/// and KVM's ioctl gates mark the task as each begins. Upstream turns such an ioctl away with
+/// -EIO before it reaches the module, and its file ops only take state down; an operation
+/// already running when the VM died is not marked (its in-flight calls are not this check's
+/// business).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct AfterDead {
     tasks: BTreeSet<TaskId>,

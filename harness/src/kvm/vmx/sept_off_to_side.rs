@@ -10,7 +10,8 @@
 //!   REMOVE, WBINVD, clear); to private maps the range;
 //! - punch hole and memslot delete unmap the same way; a punched hole is refilled at once with
 //!   fresh pages (nothing would fault them in later), which the guest must accept again, as it
-//!   must upstream after its next fault;
+//!   must upstream after its next fault (not on a dead VM: the seed leaves that open, and the
+//!   after-death check wants no SEAMCALL that builds the TD from an op begun after death);
 //! - the fault path never installs a private mapping: a private fault is RET_PF_RETRY and the
 //!   vCPU goes back to the guest, whose access succeeds once the conversion is done;
 //! - teardown: the leaves go when guest_memfd is released (HKID still assigned, as upstream);
