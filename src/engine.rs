@@ -25,7 +25,7 @@ use libafl::mutators::{havoc_mutations, HavocScheduledMutator};
 use libafl::observers::StdMapObserver;
 use libafl::schedulers::QueueScheduler;
 use libafl::stages::StdMutationalStage;
-use libafl::state::{HasCorpus, HasExecutions, StdState};
+use libafl::state::{HasCorpus, HasExecutions, HasMaxSize, StdState};
 use libafl_bolts::rands::StdRand;
 use libafl_bolts::tuples::tuple_list;
 use libafl_bolts::ToSlice;
@@ -35,6 +35,10 @@ use crate::Target;
 
 /// Random inputs the corpus starts from when no seed directory is given.
 const INITIAL_INPUTS: usize = 32;
+
+/// The longest input the mutators may make: the decoder's bounds on ops, threads and pages
+/// are reached well before this, and longer inputs only cost time.
+const MAX_INPUT_LEN: usize = 512;
 
 /// The map the observer reads: leaked once per campaign so that it outlives the executor.
 fn observer_map() -> NonNull<u8> {
@@ -94,6 +98,7 @@ pub fn run(
         &mut objective,
     )
     .map_err(|e| anyhow!("LibAFL state: {e}"))?;
+    state.set_max_size(MAX_INPUT_LEN);
     let mut mgr = SimpleEventManager::new(NopMonitor::new());
     let mut fuzzer = StdFuzzer::new(QueueScheduler::new(), feedback, objective);
     let mut executor = InProcessExecutor::builder()
