@@ -246,11 +246,13 @@ impl Recorder {
     }
 }
 
-/// Whether a campaign that has run `execs` inputs should stop (the clock is read every 256).
-pub fn should_stop(stop: Stop, execs: u64, rec: &Recorder) -> bool {
-    match stop {
-        Stop::Runs(n) => execs >= n,
-        Stop::Seconds(s) => execs.is_multiple_of(256) && rec.elapsed() >= Duration::from_secs(s),
+impl Stop {
+    /// Whether a campaign that has run `execs` inputs for `elapsed` is over.
+    pub fn reached(self, execs: u64, elapsed: Duration) -> bool {
+        match self {
+            Stop::Runs(n) => execs >= n,
+            Stop::Seconds(s) => elapsed >= Duration::from_secs(s),
+        }
     }
 }
 
@@ -270,7 +272,9 @@ pub fn run(
     let mut buf = Vec::with_capacity(512);
     // The map is filled and measured, not used: this loop is the feedback-off baseline.
     harness::coverage::enable(true);
-    while !should_stop(stop, execs, &rec) {
+    // The clock is read every 256 inputs.
+    let clock_due = |execs: u64| matches!(stop, Stop::Runs(_)) || execs.is_multiple_of(256);
+    while !(clock_due(execs) && stop.reached(execs, rec.elapsed())) {
         buf.clear();
         let len = rng.below(256) as usize;
         buf.extend((0..len).map(|_| rng.next_u64() as u8));

@@ -30,7 +30,7 @@ use libafl_bolts::rands::StdRand;
 use libafl_bolts::tuples::tuple_list;
 use libafl_bolts::ToSlice;
 
-use crate::campaign::{exec, should_stop, Found, Recorder, Stop};
+use crate::campaign::{exec, Found, Recorder, Stop};
 use crate::Target;
 
 /// Random inputs the corpus starts from when no seed directory is given.
@@ -131,7 +131,8 @@ pub fn run(
     loop {
         let execs = *state.executions();
         let extra = format!(" | corpus {}", state.corpus().count());
-        if should_stop(stop, execs - execs % 256, &rec.borrow()) {
+        // Checked between stages (each runs many inputs).
+        if stop.reached(execs, rec.borrow().elapsed()) {
             break;
         }
         rec.borrow_mut().status(execs, &extra);
