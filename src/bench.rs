@@ -287,6 +287,28 @@ pub fn sept() {
     }
 }
 
+/// A quiet campaign on the stack target from an empty corpus.
+fn campaign(
+    policy: harness::policy::Policy,
+    stop: crate::campaign::Stop,
+    seed: u64,
+    dir: std::path::PathBuf,
+    stop_on_kind: Option<String>,
+) -> crate::campaign::Campaign {
+    crate::campaign::Campaign {
+        target: crate::Target::Stack,
+        policy,
+        kernel_bug: None,
+        stop,
+        seed,
+        artifacts: dir,
+        known: crate::default_known_dir(),
+        corpus: None,
+        stop_on_kind,
+        quiet: true,
+    }
+}
+
 /// `tdxfuzz bench --engines`: the LibAFL engine and the random loop, each for `secs` seconds
 /// on the stack target under upstream from an empty corpus (seed 1), one after the other:
 /// execs/s, and the feedback-map entries any input reached at a quarter, half and the end of
@@ -296,26 +318,20 @@ pub fn engines(secs: u64) -> anyhow::Result<()> {
     use harness::policy::Policy;
     let dir = std::env::temp_dir().join("tdxfuzz-bench-engines");
     let stop = Stop::Seconds(secs);
-    let known = crate::default_known_dir();
-    let libafl = crate::engine::run(
-        crate::Target::Stack,
+    let libafl = crate::engine::run(&campaign(
         Policy::UPSTREAM,
-        None,
         stop,
         1,
-        &dir.join("libafl"),
-        known.as_deref(),
+        dir.join("libafl"),
         None,
-    )?;
-    let random = campaign::run(
-        crate::Target::Stack,
+    ))?;
+    let random = campaign::run(&campaign(
         Policy::UPSTREAM,
-        None,
         stop,
         1,
-        &dir.join("random"),
-        known.as_deref(),
-    )?;
+        dir.join("random"),
+        None,
+    ))?;
     let at = |f: &campaign::Found, frac: f64| -> usize {
         let t = secs as f64 * frac;
         f.coverage
@@ -324,7 +340,7 @@ pub fn engines(secs: u64) -> anyhow::Result<()> {
             .last()
             .map_or(0, |&(_, e)| e)
     };
-    println!("\nengines: stack target, upstream, seed 1, {secs} s each on one core, empty corpus");
+    println!("engines: stack target, upstream, seed 1, {secs} s each on one core, empty corpus");
     println!(
         "{:<8} {:>10} {:>9} {:>12} {:>12} {:>12} {:>9}",
         "engine", "execs", "execs/s", "map @25%", "map @50%", "map @100%", "findings"
@@ -340,5 +356,62 @@ pub fn engines(secs: u64) -> anyhow::Result<()> {
             f.new + f.known
         );
     }
+    Ok(())
+}
+
+/// `tdxfuzz bench --detect`: for every policy expected to break an invariant, `seeds`
+/// campaigns of each engine from an empty corpus, each stopped at its first new finding of
+/// the expected kind or after `limit` seconds: the median and the longest time to detect.
+pub fn detect(seeds: u64, limit: u64) -> anyhow::Result<()> {
+    use crate::campaign::{self, Stop};
+    use harness::policy::Policy;
+    let dir = std::env::temp_dir().join("tdxfuzz-bench-detect");
+    println!(
+        "time to detect: stack target, empty corpus, seeds 1..={seeds}, at most {limit} s per \
+         campaign, one core"
+    );
+    println!(
+        "{:<34} {:<15} {:>14} {:>14} {:>14} {:>14}",
+        "policy", "expected", "libafl median", "libafl max", "random median", "random max"
+    );
+    for (policy, expected) in Policy::ALL {
+        if expected == "none" {
+            continue;
+        }
+        let mut cells = Vec::new();
+        for engine in ["libafl", "random"] {
+            let mut times: Vec<Option<f64>> = Vec::new();
+            for seed in 1..=seeds {
+                let c = campaign(
+                    policy,
+                    Stop::Seconds(limit),
+                    seed,
+                    dir.join(format!("{}-{engine}-{seed}", policy.name)),
+                    Some(expected.to_string()),
+                );
+                let found = if engine == "libafl" {
+                    crate::engine::run(&c)?
+                } else {
+                    campaign::run(&c)?
+                };
+                times.push(found.detected_at);
+            }
+            // Misses sort last (as "> limit").
+            times.sort_by(|a, b| match (a, b) {
+                (Some(x), Some(y)) => x.total_cmp(y),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (None, None) => std::cmp::Ordering::Equal,
+            });
+            let show = |t: Option<f64>| t.map_or(format!("> {limit} s"), |t| format!("{t:.1} s"));
+            cells.push(show(times[times.len() / 2]));
+            cells.push(show(*times.last().expect("at least one seed")));
+        }
+        println!(
+            "{:<34} {:<15} {:>14} {:>14} {:>14} {:>14}",
+            policy.name, expected, cells[0], cells[1], cells[2], cells[3]
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
     Ok(())
 }

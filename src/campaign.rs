@@ -81,6 +81,25 @@ fn load_known(dir: &Path, policy: Policy) -> Result<Known> {
     Ok(known)
 }
 
+/// What a campaign runs and where its findings go.
+#[derive(Clone, Debug)]
+pub struct Campaign {
+    pub target: Target,
+    pub policy: Policy,
+    pub kernel_bug: Option<KernelBug>,
+    pub stop: Stop,
+    pub seed: u64,
+    pub artifacts: std::path::PathBuf,
+    /// Inputs of known findings (stack target).
+    pub known: Option<std::path::PathBuf>,
+    /// Seed inputs (LibAFL engine).
+    pub corpus: Option<std::path::PathBuf>,
+    /// Stop at the first new finding of this violation kind (time-to-detect measurements).
+    pub stop_on_kind: Option<String>,
+    /// No status line and no summary (measurements that run many campaigns).
+    pub quiet: bool,
+}
+
 /// Totals of a campaign.
 #[derive(Clone, Debug, Default)]
 pub struct Found {
@@ -92,11 +111,15 @@ pub struct Found {
     pub execs: u64,
     /// Feedback-map entries any input reached, sampled about once a second: (seconds, entries).
     pub coverage: Vec<(f64, usize)>,
+    /// Seconds to the first new finding of `Campaign::stop_on_kind`, if one showed.
+    pub detected_at: Option<f64>,
 }
 
 /// Where a campaign's findings go: one artifact per distinct signature (raw input and report),
 /// buckets with hit counts and the smallest input, new vs known, and the live status line.
 pub struct Recorder {
+    stop_on_kind: Option<String>,
+    quiet: bool,
     target: Target,
     policy: Policy,
     dir: std::path::PathBuf,
@@ -115,25 +138,28 @@ pub struct Recorder {
 
 impl Recorder {
     /// Creates the artifact directory, replays the known inputs and starts the status line.
-    pub fn new(
-        target: Target,
-        policy: Policy,
-        artifacts: &Path,
-        known: Option<&Path>,
-    ) -> Result<Recorder> {
-        let dir = artifacts.join(target_name(target));
+    pub fn new(c: &Campaign) -> Result<Recorder> {
+        let (target, policy) = (c.target, c.policy);
+        let dir = c.artifacts.join(target_name(target));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let known = match (target, known) {
+        let known = match (target, &c.known) {
             (Target::Stack, Some(k)) => load_known(k, policy)?,
             _ => Known::default(),
         };
         oracle::harness_bug::install_quiet_hook();
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {msg}",
-        )?);
-        bar.enable_steady_tick(Duration::from_millis(200));
+        let bar = if c.quiet {
+            ProgressBar::hidden()
+        } else {
+            let bar = ProgressBar::new_spinner();
+            bar.set_style(ProgressStyle::with_template(
+                "{spinner} [{elapsed_precise}] {msg}",
+            )?);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        };
         Ok(Recorder {
+            stop_on_kind: c.stop_on_kind.clone(),
+            quiet: c.quiet,
             target,
             policy,
             dir,
@@ -153,6 +179,11 @@ impl Recorder {
         self.start.elapsed()
     }
 
+    /// Whether the campaign is over: its stop rule, or the finding it was told to stop on.
+    pub fn done(&self, stop: Stop, execs: u64) -> bool {
+        self.found.detected_at.is_some() || stop.reached(execs, self.elapsed())
+    }
+
     /// Buckets a violation of `input`; the first of its signature is written out and named.
     pub fn record(&mut self, v: &Violation, input: &[u8]) -> Result<()> {
         if self.buckets.add(v, input) {
@@ -169,6 +200,9 @@ impl Recorder {
                 }
                 None => {
                     self.found.new += 1;
+                    if self.stop_on_kind.as_deref() == Some(&v.kind.to_string()) {
+                        self.found.detected_at.get_or_insert(at);
+                    }
                     self.bar
                         .println(format!("[{at:.1}s] new: {}", v.signature()));
                 }
@@ -214,6 +248,9 @@ impl Recorder {
         self.bar.finish_and_clear();
         self.found.execs = execs;
         self.found.coverage.push((secs, self.entries));
+        if self.quiet {
+            return Ok(self.found);
+        }
         println!(
             "{}: {execs} execs in {secs:.1}s ({:.0}/s){extra}, map {} entries, {} new and {} \
              known distinct finding(s)",
@@ -257,29 +294,21 @@ impl Stop {
 }
 
 /// Runs the random-input campaign (`--engine random`): seeded random bytes, no feedback.
-pub fn run(
-    target: Target,
-    policy: Policy,
-    kernel_bug: Option<KernelBug>,
-    stop: Stop,
-    seed: u64,
-    artifacts: &Path,
-    known: Option<&Path>,
-) -> Result<Found> {
-    let mut rec = Recorder::new(target, policy, artifacts, known)?;
-    let mut rng = SplitMix64::new(seed);
+pub fn run(c: &Campaign) -> Result<Found> {
+    let mut rec = Recorder::new(c)?;
+    let mut rng = SplitMix64::new(c.seed);
     let mut execs: u64 = 0;
     let mut buf = Vec::with_capacity(512);
     // The map is filled and measured, not used: this loop is the feedback-off baseline.
     harness::coverage::enable(true);
     // The clock is read every 256 inputs.
-    let clock_due = |execs: u64| matches!(stop, Stop::Runs(_)) || execs.is_multiple_of(256);
-    while !(clock_due(execs) && stop.reached(execs, rec.elapsed())) {
+    let clock_due = |execs: u64| matches!(c.stop, Stop::Runs(_)) || execs.is_multiple_of(256);
+    while !(clock_due(execs) && rec.done(c.stop, execs)) {
         buf.clear();
         let len = rng.below(256) as usize;
         buf.extend((0..len).map(|_| rng.next_u64() as u8));
         execs += 1;
-        let v = exec(target, policy, kernel_bug, &buf);
+        let v = exec(c.target, c.policy, c.kernel_bug, &buf);
         harness::coverage::take(|i| rec.cover(i));
         if let Some(v) = v {
             rec.record(&v, &buf)?;

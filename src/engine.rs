@@ -6,13 +6,10 @@
 //! bucketed by signature through the same `Recorder` as the random loop, and a panic of the
 //! harness is a `harness_bug` finding, never the end of the campaign.
 
-use std::path::Path;
 use std::ptr::NonNull;
 
 use anyhow::{anyhow, Result};
 use harness::coverage::{self, MAP_SIZE};
-use harness::kvm::KernelBug;
-use harness::policy::Policy;
 use libafl::corpus::{Corpus, InMemoryCorpus};
 use libafl::events::SimpleEventManager;
 use libafl::executors::{ExitKind, InProcessExecutor};
@@ -30,8 +27,7 @@ use libafl_bolts::rands::StdRand;
 use libafl_bolts::tuples::tuple_list;
 use libafl_bolts::ToSlice;
 
-use crate::campaign::{exec, Found, Recorder, Stop};
-use crate::Target;
+use crate::campaign::{exec, Campaign, Found, Recorder};
 
 /// Random inputs the corpus starts from when no seed directory is given.
 const INITIAL_INPUTS: usize = 32;
@@ -46,19 +42,10 @@ fn observer_map() -> NonNull<u8> {
     NonNull::from(map).cast()
 }
 
-/// Runs a coverage-guided campaign; `corpus_dir` seeds it (empty: random inputs).
-#[allow(clippy::too_many_arguments)]
-pub fn run(
-    target: Target,
-    policy: Policy,
-    kernel_bug: Option<KernelBug>,
-    stop: Stop,
-    seed: u64,
-    artifacts: &Path,
-    known: Option<&Path>,
-    corpus_dir: Option<&Path>,
-) -> Result<Found> {
-    let rec = std::cell::RefCell::new(Recorder::new(target, policy, artifacts, known)?);
+/// Runs a coverage-guided campaign; `c.corpus` seeds it (none: random inputs).
+pub fn run(c: &Campaign) -> Result<Found> {
+    let (target, policy, kernel_bug) = (c.target, c.policy, c.kernel_bug);
+    let rec = std::cell::RefCell::new(Recorder::new(c)?);
     let map = observer_map();
     coverage::enable(true);
     let mut failure: Option<anyhow::Error> = None;
@@ -91,7 +78,7 @@ pub fn run(
     let mut feedback = MaxMapFeedback::new(&observer);
     let mut objective = CrashFeedback::new();
     let mut state = StdState::new(
-        StdRand::with_seed(seed),
+        StdRand::with_seed(c.seed),
         InMemoryCorpus::<BytesInput>::new(),
         InMemoryCorpus::new(),
         &mut feedback,
@@ -109,9 +96,14 @@ pub fn run(
         .event_mgr(&mut mgr)
         .build()
         .map_err(|e| anyhow!("LibAFL executor: {e}"))?;
-    match corpus_dir {
+    match &c.corpus {
         Some(dir) => state
-            .load_initial_inputs(&mut fuzzer, &mut executor, &mut mgr, &[dir.to_path_buf()])
+            .load_initial_inputs(
+                &mut fuzzer,
+                &mut executor,
+                &mut mgr,
+                std::slice::from_ref(dir),
+            )
             .map_err(|e| anyhow!("loading {}: {e}", dir.display()))?,
         None => {
             let mut generator = RandBytesGenerator::new(std::num::NonZeroUsize::new(256).unwrap());
@@ -132,7 +124,7 @@ pub fn run(
         let execs = *state.executions();
         let extra = format!(" | corpus {}", state.corpus().count());
         // Checked between stages (each runs many inputs).
-        if stop.reached(execs, rec.borrow().elapsed()) {
+        if rec.borrow().done(c.stop, execs) {
             break;
         }
         rec.borrow_mut().status(execs, &extra);

@@ -123,6 +123,15 @@ enum Cmd {
         /// Seconds per engine for --engines.
         #[arg(long, default_value_t = 30)]
         engine_seconds: u64,
+        /// Time to detect each broken policy from an empty corpus, for both engines.
+        #[arg(long)]
+        detect: bool,
+        /// Seeds per policy and engine for --detect.
+        #[arg(long, default_value_t = 5)]
+        detect_seeds: u64,
+        /// Seconds at most per campaign for --detect.
+        #[arg(long, default_value_t = 60)]
+        detect_limit: u64,
     },
 }
 
@@ -222,33 +231,28 @@ fn real_main() -> Result<ExitCode> {
                 (None, None) => campaign::Stop::Seconds(60),
             };
             let known = known.or_else(default_known_dir);
+            let c = campaign::Campaign {
+                target,
+                policy: policy(&p)?,
+                kernel_bug,
+                stop,
+                seed,
+                artifacts,
+                known,
+                corpus,
+                stop_on_kind: None,
+                quiet: false,
+            };
             let found = match engine {
-                Engine::Libafl => engine::run(
-                    target,
-                    policy(&p)?,
-                    kernel_bug,
-                    stop,
-                    seed,
-                    &artifacts,
-                    known.as_deref(),
-                    corpus.as_deref(),
-                )?,
-                Engine::Random => campaign::run(
-                    target,
-                    policy(&p)?,
-                    kernel_bug,
-                    stop,
-                    seed,
-                    &artifacts,
-                    known.as_deref(),
-                )?,
+                Engine::Libafl => engine::run(&c)?,
+                Engine::Random => campaign::run(&c)?,
             };
             // Findings are the product of a campaign, not a failure of the command.
             println!(
                 "{} new and {} known distinct finding(s); reports in {}",
                 found.new,
                 found.known,
-                artifacts.display()
+                c.artifacts.display()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -259,14 +263,21 @@ fn real_main() -> Result<ExitCode> {
             sept,
             engines,
             engine_seconds,
+            detect,
+            detect_seeds,
+            detect_limit,
         } => {
-            if !scheduler && !stack && !sept && !engines {
+            if !scheduler && !stack && !sept && !engines && !detect {
                 return Err(anyhow!(
-                    "nothing to benchmark: pass --scheduler, --stack, --sept and/or --engines"
+                    "nothing to benchmark: pass --scheduler, --stack, --sept, --engines and/or \
+                     --detect"
                 ));
             }
             if engines {
                 bench::engines(engine_seconds)?;
+            }
+            if detect {
+                bench::detect(detect_seeds.max(1), detect_limit)?;
             }
             if scheduler {
                 bench::scheduler(rounds);
