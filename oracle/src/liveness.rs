@@ -166,7 +166,8 @@ const BEHIND_A_VCPU: [&str; 3] = ["vcpu thread exit", "vmm thread done", "vcpu->
 
 /// Whether the unfinished tasks make no progress only because vCPUs are wedged by zero-step
 /// mitigation (`wedged_by_zero_step`), every other one asleep behind them: waiting for a vCPU
-/// thread to exit, for `vcpu->mutex` (KVM_RUN holds it), or for a VMM thread that does. That
+/// thread to exit, for `vcpu->mutex` (KVM_RUN holds it; so does an ioctl under the VM-state
+/// guard that waits for a wedged vCPU's), or for a VMM thread that does. That
 /// state is final (nothing left can accept the page), so a run can stop as soon as it is
 /// reached. Returns the wedged vCPUs as a note.
 pub fn wedged_only(cx: &Ctx, kvm: &Kvm) -> Option<String> {
@@ -175,12 +176,14 @@ pub fn wedged_only(cx: &Ctx, kvm: &Kvm) -> Option<String> {
         let name = cx.task_name(t);
         let vcpu = vcpu_index(&name);
         match (vcpu, wait) {
+            // Asleep behind (a VMM thread, or a vCPU thread whose mutex a VMM ioctl holds
+            // while it waits for a wedged vCPU's); a cycle would have ended the run already.
+            (_, Some(w @ (WaitOn::Completion(_) | WaitOn::Mutex(_))))
+                if BEHIND_A_VCPU.contains(&cx.obj_name(w.obj())) => {}
             (Some(v), _) => {
                 let gfn = wedged_by_zero_step(kvm, v)?;
                 wedged.push(format!("{name} on {gfn}"));
             }
-            (None, Some(w @ (WaitOn::Completion(_) | WaitOn::Mutex(_))))
-                if BEHIND_A_VCPU.contains(&cx.obj_name(w.obj())) => {}
             _ => return None,
         }
     }
