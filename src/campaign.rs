@@ -126,6 +126,8 @@ pub struct Recorder {
     known: Known,
     buckets: Buckets,
     pub found: Found,
+    /// The slowest input so far and its wall time (runs are bounded in steps, not time).
+    slowest: (Duration, Vec<u8>),
     /// Seconds into the campaign at which each signature was first seen.
     first_at: std::collections::BTreeMap<String, f64>,
     /// Feedback-map entries any input of the campaign reached (whether or not the engine
@@ -167,6 +169,7 @@ impl Recorder {
             buckets: Buckets::new(),
             found: Found::default(),
             first_at: Default::default(),
+            slowest: (Duration::ZERO, Vec::new()),
             reached: vec![false; harness::coverage::MAP_SIZE],
             entries: 0,
             bar,
@@ -211,6 +214,13 @@ impl Recorder {
         Ok(())
     }
 
+    /// Notes how long an input took (the slowest is written out at the end).
+    pub fn timed(&mut self, took: Duration, input: &[u8]) {
+        if took > self.slowest.0 {
+            self.slowest = (took, input.to_vec());
+        }
+    }
+
     /// Counts map entry `i`, hit by a run, among the entries the campaign reached.
     pub fn cover(&mut self, i: usize) {
         if !self.reached[i] {
@@ -250,6 +260,14 @@ impl Recorder {
         self.found.coverage.push((secs, self.entries));
         if self.quiet {
             return Ok(self.found);
+        }
+        if !self.slowest.1.is_empty() {
+            fs::write(self.dir.join("slowest.bin"), &self.slowest.1)?;
+            println!(
+                "slowest input: {:.3} s ({})",
+                self.slowest.0.as_secs_f64(),
+                self.dir.join("slowest.bin").display()
+            );
         }
         println!(
             "{}: {execs} execs in {secs:.1}s ({:.0}/s){extra}, map {} entries, {} new and {} \
@@ -308,7 +326,9 @@ pub fn run(c: &Campaign) -> Result<Found> {
         let len = rng.below(256) as usize;
         buf.extend((0..len).map(|_| rng.next_u64() as u8));
         execs += 1;
+        let t = Instant::now();
         let v = exec(c.target, c.policy, c.kernel_bug, &buf);
+        rec.timed(t.elapsed(), &buf);
         harness::coverage::take(|i| rec.cover(i));
         if let Some(v) = v {
             rec.record(&v, &buf)?;

@@ -53,7 +53,9 @@ pub fn run(c: &Campaign) -> Result<Found> {
         let bytes = input.target_bytes();
         let data = bytes.to_slice();
         // The model's map is zero here: `take_into` below left it so.
+        let t = std::time::Instant::now();
         let v = exec(target, policy, kernel_bug, data);
+        rec.borrow_mut().timed(t.elapsed(), data);
         // SAFETY: `map` points to MAP_SIZE bytes leaked above; the observer reads them only
         // between runs of this closure, on this thread.
         let dst = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), MAP_SIZE) };
@@ -94,8 +96,15 @@ pub fn run(c: &Campaign) -> Result<Found> {
         .fuzzer(&mut fuzzer)
         .state(&mut state)
         .event_mgr(&mut mgr)
+        // Every run is bounded by its step budgets; LibAFL's wall-clock timeout would end the
+        // whole campaign (no restarting manager here), so the slowest input is kept instead.
+        .timeout(std::time::Duration::from_secs(24 * 3600))
         .build()
         .map_err(|e| anyhow!("LibAFL executor: {e}"))?;
+    // The executor installed a panic hook that saves the input and exits the process: put
+    // the campaign's own back, so that a panic of the harness unwinds into `exec`'s catch and
+    // becomes a `harness_bug` finding, and the campaign goes on.
+    oracle::harness_bug::install_quiet_hook();
     match &c.corpus {
         Some(dir) => state
             .load_initial_inputs(
