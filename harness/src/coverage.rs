@@ -72,18 +72,6 @@ pub fn enabled() -> bool {
     ENABLED.with(Cell::get)
 }
 
-/// Zeroes the map (before a run).
-pub fn reset() {
-    MAP.with(|m| {
-        let mut m = m.borrow_mut();
-        let Map { counts, touched } = &mut *m;
-        for &i in touched.iter() {
-            counts[i as usize] = 0;
-        }
-        touched.clear();
-    });
-}
-
 /// Moves the run's hits into `dst` (`MAP_SIZE` bytes, zero where this run hit nothing, as a
 /// map observer leaves it before each run) and zeroes the map; calls `each` with every index
 /// the run hit.
@@ -114,8 +102,9 @@ pub fn take(mut each: impl FnMut(usize)) {
     });
 }
 
-/// Entries hit since the last reset (for measurements).
-pub fn entries() -> usize {
+/// Entries hit since the map was last taken.
+#[cfg(test)]
+fn entries() -> usize {
     MAP.with(|m| m.borrow().touched.len())
 }
 

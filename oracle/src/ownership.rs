@@ -10,15 +10,6 @@ use harness::host::{Host, KernelUse, Owner};
 use harness::kvm::Kvm;
 use harness::tdx_module::ModuleState;
 
-/// Refused moves since index `from` (cheap, for per-step checks).
-pub fn refused_since(host: &Host, from: usize) -> Vec<String> {
-    host.refused
-        .iter()
-        .skip(from)
-        .map(|(step, e)| format!("host refused at step {step}: {e}"))
-        .collect()
-}
-
 /// Full check at a quiescent point; `torn_down` adds the end-of-life accounting.
 pub fn check(st: &ModuleState, host: &Host, torn_down: bool) -> Vec<String> {
     let mut bad = crate::module_invariants::check(st, host);
