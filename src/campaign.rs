@@ -63,7 +63,7 @@ fn target_name(target: Target) -> &'static str {
 
 /// Replays the known inputs of the stack target (text scenarios or raw inputs in `dir`) under
 /// `policy`; says which ran clean.
-fn load_known(dir: &Path, policy: Policy) -> Result<Known> {
+fn load_known(dir: &Path, policy: Policy, quiet: bool) -> Result<Known> {
     let mut inputs = Vec::new();
     for f in crate::load::scenario_files(dir)? {
         match crate::load::load(&f)? {
@@ -72,7 +72,7 @@ fn load_known(dir: &Path, policy: Policy) -> Result<Known> {
         }
     }
     let (known, stale) = Known::replay(inputs.iter().map(|(n, s)| (n.clone(), s)), policy);
-    for name in stale {
+    for name in stale.iter().filter(|_| !quiet) {
         println!(
             "known input {name} runs clean under {}: stale?",
             policy.name
@@ -145,7 +145,7 @@ impl Recorder {
         let dir = c.artifacts.join(target_name(target));
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let known = match (target, &c.known) {
-            (Target::Stack, Some(k)) => load_known(k, policy)?,
+            (Target::Stack, Some(k)) => load_known(k, policy, c.quiet)?,
             _ => Known::default(),
         };
         oracle::harness_bug::install_quiet_hook();
