@@ -36,17 +36,13 @@ const INITIAL_INPUTS: usize = 32;
 /// are reached well before this, and longer inputs only cost time.
 const MAX_INPUT_LEN: usize = 512;
 
-/// The map the observer reads: leaked once per campaign so that it outlives the executor.
-fn observer_map() -> NonNull<u8> {
-    let map: &'static mut [u8] = Box::leak(vec![0u8; MAP_SIZE].into_boxed_slice());
-    NonNull::from(map).cast()
-}
-
 /// Runs a coverage-guided campaign; `c.corpus` seeds it (none: random inputs).
 pub fn run(c: &Campaign) -> Result<Found> {
     let (target, policy, kernel_bug) = (c.target, c.policy, c.kernel_bug);
     let rec = std::cell::RefCell::new(Recorder::new(c)?);
-    let map = observer_map();
+    // The map the observer reads. Declared first, so dropped after the executor and observer.
+    let mut map_buf = vec![0u8; MAP_SIZE];
+    let map = NonNull::new(map_buf.as_mut_ptr()).expect("a Vec's pointer is not null");
     coverage::enable(true);
     let mut failure: Option<anyhow::Error> = None;
     let mut harness_fn = |input: &BytesInput| {
@@ -56,8 +52,8 @@ pub fn run(c: &Campaign) -> Result<Found> {
         let t = std::time::Instant::now();
         let v = exec(target, policy, kernel_bug, data);
         rec.borrow_mut().timed(t.elapsed(), data);
-        // SAFETY: `map` points to MAP_SIZE bytes leaked above; the observer reads them only
-        // between runs of this closure, on this thread.
+        // SAFETY: `map` points to `map_buf`'s MAP_SIZE bytes, which outlive the executor; the
+        // observer reads them only between runs of this closure, on this thread.
         let dst = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), MAP_SIZE) };
         // The observer zeroed `dst` before this run (`pre_exec`).
         {

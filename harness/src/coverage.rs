@@ -34,7 +34,7 @@ pub enum Site {
     Request,
     /// A VMM op returned: (op kind, errno or 0).
     Errno,
-    /// TDH.VP.ENTER found the zero-step threshold reached: (vCPU count of faulting GPAs, 0).
+    /// TDH.VP.ENTER ran the zero-step filter (the threshold was reached): (0, 0).
     ZeroStep,
     /// A fault or prefault met an INVALID memslot: (prefault?, 0).
     InvalidSlot,
@@ -76,27 +76,29 @@ pub fn enabled() -> bool {
 /// map observer leaves it before each run) and zeroes the map; calls `each` with every index
 /// the run hit.
 pub fn take_into(dst: &mut [u8], mut each: impl FnMut(usize)) {
-    MAP.with(|m| {
-        let mut m = m.borrow_mut();
-        let Map { counts, touched } = &mut *m;
-        for &i in touched.iter() {
-            let i = i as usize;
-            dst[i] = counts[i];
-            counts[i] = 0;
-            each(i);
-        }
-        touched.clear();
+    drain(|i, count| {
+        dst[i] = count;
+        each(i);
     });
 }
 
 /// Zeroes the map, calling `each` with every index the run hit (no observer to fill).
 pub fn take(mut each: impl FnMut(usize)) {
+    drain(|i, _| each(i));
+}
+
+/// Zeroes every entry the run touched, calling `f` with its index and count once. An entry
+/// listed twice (its count wrapped to 0 and went on) is already 0 the second time: skipped.
+fn drain(mut f: impl FnMut(usize, u8)) {
     MAP.with(|m| {
         let mut m = m.borrow_mut();
         let Map { counts, touched } = &mut *m;
         for &i in touched.iter() {
-            counts[i as usize] = 0;
-            each(i as usize);
+            let i = i as usize;
+            let count = std::mem::take(&mut counts[i]);
+            if count != 0 {
+                f(i, count);
+            }
         }
         touched.clear();
     });
@@ -120,7 +122,7 @@ pub fn hit(site: Site, a: u64, b: u64) {
         if m.counts[i] == 0 {
             m.touched.push(i as u32);
         }
-        // Wrapping back to 0 leaves `i` listed once more: harmless, take_into rewrites it.
+        // Wrapping back to 0 and on lists `i` once more; `drain` skips the second listing.
         m.counts[i] = m.counts[i].wrapping_add(1);
     });
 }
@@ -137,7 +139,7 @@ fn index(site: Site, a: u64, b: u64) -> usize {
     (z as usize) & (MAP_SIZE - 1)
 }
 
-/// AFL's hit-count buckets: 1, 2, 3, 4-7, 8-15, 16-31, 32-127, 128+ -> 0..=7.
+/// AFL's hit-count buckets: 0, 1, 2, 3, 4-7, 8-15, 16-31, 32-127, 128+ -> 0..=8.
 pub fn bucket(n: u32) -> u64 {
     match n {
         0 => 0,
@@ -200,6 +202,20 @@ mod tests {
         assert_eq!(hit_entries, 2);
         assert_eq!(dst.iter().map(|&b| u32::from(b)).sum::<u32>(), 3);
         assert_eq!(entries(), 0, "taken");
+        enable(false);
+    }
+
+    #[test]
+    fn an_entry_that_wraps_is_taken_once_with_its_count() {
+        enable(true);
+        for _ in 0..258 {
+            hit(Site::Retry, 1, 1);
+        }
+        let mut dst = vec![0u8; MAP_SIZE];
+        let mut seen = 0;
+        take_into(&mut dst, |_| seen += 1);
+        assert_eq!(seen, 1, "listed twice, taken once");
+        assert_eq!(dst[index(Site::Retry, 1, 1)], 2, "258 wraps to 2");
         enable(false);
     }
 
