@@ -14,7 +14,7 @@ use libafl::corpus::{Corpus, InMemoryCorpus};
 use libafl::events::SimpleEventManager;
 use libafl::executors::{ExitKind, InProcessExecutor};
 use libafl::feedbacks::{CrashFeedback, MaxMapFeedback};
-use libafl::fuzzer::{Fuzzer, StdFuzzer};
+use libafl::fuzzer::{Evaluator, Fuzzer, StdFuzzer};
 use libafl::generators::RandBytesGenerator;
 use libafl::inputs::{BytesInput, HasTargetBytes};
 use libafl::monitors::NopMonitor;
@@ -28,6 +28,8 @@ use libafl_bolts::tuples::tuple_list;
 use libafl_bolts::ToSlice;
 
 use crate::campaign::{exec, Campaign, Found, Recorder};
+use crate::scenario_mutator::ScenarioMutator;
+use crate::Target;
 
 /// Random inputs the corpus starts from when no seed directory is given.
 const INITIAL_INPUTS: usize = 32;
@@ -102,14 +104,13 @@ pub fn run(c: &Campaign) -> Result<Found> {
     // becomes a `harness_bug` finding, and the campaign goes on.
     oracle::harness_bug::install_quiet_hook();
     match &c.corpus {
-        Some(dir) => state
-            .load_initial_inputs(
-                &mut fuzzer,
-                &mut executor,
-                &mut mgr,
-                std::slice::from_ref(dir),
-            )
-            .map_err(|e| anyhow!("loading {}: {e}", dir.display()))?,
+        Some(dir) => {
+            for input in seed_inputs(dir, target)? {
+                fuzzer
+                    .add_input(&mut state, &mut executor, &mut mgr, input)
+                    .map_err(|e| anyhow!("seeding from {}: {e}", dir.display()))?;
+            }
+        }
         None => {
             let mut generator = RandBytesGenerator::new(std::num::NonZeroUsize::new(256).unwrap());
             state
@@ -123,8 +124,15 @@ pub fn run(c: &Campaign) -> Result<Found> {
                 .map_err(|e| anyhow!("initial inputs: {e}"))?;
         }
     }
-    let mutator = HavocScheduledMutator::new(havoc_mutations());
-    let mut stages = tuple_list!(StdMutationalStage::new(mutator));
+    // Byte havoc, then edits of the scenario (stack inputs only), on each corpus entry.
+    let havoc = HavocScheduledMutator::new(havoc_mutations());
+    let edits = ScenarioMutator {
+        enabled: target == Target::Stack,
+    };
+    let mut stages = tuple_list!(
+        StdMutationalStage::new(havoc),
+        StdMutationalStage::new(edits)
+    );
     loop {
         let execs = *state.executions();
         let extra = format!(" | corpus {}", state.corpus().count());
@@ -145,4 +153,33 @@ pub fn run(c: &Campaign) -> Result<Found> {
         return Err(e);
     }
     rec.into_inner().finish(execs, &extra)
+}
+
+/// The seed inputs in `dir` (every file, sorted by name). A text scenario seeds the stack
+/// target in the exact binary form (`harness::scenario::wire`), so the mutators start from
+/// the scenario it says; any other file is a raw input.
+fn seed_inputs(dir: &std::path::Path, target: Target) -> Result<Vec<BytesInput>> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|e| anyhow!("reading {}: {e}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.is_file())
+        .collect();
+    files.sort();
+    let mut out = Vec::new();
+    for f in files {
+        let bytes = std::fs::read(&f).map_err(|e| anyhow!("reading {}: {e}", f.display()))?;
+        let input = match crate::load::load_bytes(&f.display().to_string(), &bytes) {
+            _ if target != Target::Stack => bytes,
+            crate::load::Loaded::Ok(sc) if crate::load::is_text(&bytes) => {
+                harness::scenario::wire::encode(&sc)
+            }
+            crate::load::Loaded::Ok(_) => bytes,
+            crate::load::Loaded::Bad(msg) => anyhow::bail!("seed input: {msg}"),
+        };
+        out.push(BytesInput::new(input));
+    }
+    if out.is_empty() {
+        anyhow::bail!("no seed inputs in {}", dir.display());
+    }
+    Ok(out)
 }

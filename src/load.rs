@@ -27,6 +27,11 @@ pub fn load_bytes(name: &str, bytes: &[u8]) -> Loaded {
     }
 }
 
+/// True if `bytes` are a text scenario (not a raw input).
+pub fn is_text(bytes: &[u8]) -> bool {
+    std::str::from_utf8(bytes).is_ok_and(looks_like_text)
+}
+
 fn looks_like_text(t: &str) -> bool {
     t.lines()
         .map(|l| l.trim())

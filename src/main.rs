@@ -5,6 +5,7 @@ mod campaign;
 mod engine;
 mod load;
 mod matrix;
+mod scenario_mutator;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

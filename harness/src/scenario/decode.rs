@@ -14,7 +14,7 @@ use crate::addr::Gfn;
 
 /// The gfns ops choose from: three pages sharing a 4K table, two in the next 2M region, one in
 /// a third, and two past 1 GiB (reachable once a memslot covers them: `REGIONS`).
-const GFNS: [u64; 8] = [
+pub(crate) const GFNS: [u64; 8] = [
     0x10,
     0x11,
     0x12,
@@ -342,8 +342,13 @@ fn vmm_ops(raw: &[RawVmm], vcpus: u8) -> Vec<VmmOp> {
         .collect()
 }
 
-/// Decodes fuzz input: the first byte is the length of the op part; the rest is the schedule.
+/// Decodes fuzz input: an input starting with `wire::MAGIC` is in the exact form
+/// (`wire.rs`); any other is compact: the first byte is the length of the op part, the rest is
+/// the schedule.
 pub fn decode(data: &[u8]) -> Scenario {
+    if let Some(rest) = data.strip_prefix(&super::wire::MAGIC) {
+        return super::wire::decode(rest);
+    }
     let split = data
         .first()
         .map_or(0, |b| usize::from(*b))

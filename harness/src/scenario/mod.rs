@@ -4,7 +4,9 @@
 //! (`decode.rs`) and every scenario prints to and parses from a text form (`text.rs`).
 
 pub mod decode;
+pub mod mutate;
 pub mod text;
+pub mod wire;
 
 use crate::addr::Gfn;
 
@@ -218,6 +220,16 @@ pub enum Schedule {
     /// Directives, then round robin.
     Script(Vec<Dir>),
 }
+
+/// The violation kinds an `expect violation` line may name.
+pub const VIOLATION_KINDS: [&str; 6] = [
+    "mirror_desync",
+    "page_ownership",
+    "must_not_fail",
+    "liveness",
+    "guest_memory",
+    "state_machine",
+];
 
 /// The `expect` line.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]

@@ -669,6 +669,9 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
                         "build-time pages must be in the stack's memslot (below 0x800)",
                     ));
                 }
+                if s.init_pages.iter().any(|(p, _)| *p == g) {
+                    return Err(l.err(l.toks[1].0, "a build-time page added twice"));
+                }
                 s.init_pages.push((g, l.num(2, "a value", u64::MAX)?));
                 l.done(3)?;
             }
@@ -763,20 +766,12 @@ pub fn parse(src: &str) -> Result<Scenario, ParseError> {
                     }
                     (_, "violation") => {
                         let (kc, k) = l.tok(2, "a violation kind")?;
-                        const KINDS: [&str; 6] = [
-                            "mirror_desync",
-                            "page_ownership",
-                            "must_not_fail",
-                            "liveness",
-                            "guest_memory",
-                            "state_machine",
-                        ];
-                        if !KINDS.contains(&k) {
+                        if !super::VIOLATION_KINDS.contains(&k) {
                             return Err(l.err(
                                 kc,
                                 format!(
                                     "unknown violation kind `{k}` (expected one of {})",
-                                    KINDS.join(", ")
+                                    super::VIOLATION_KINDS.join(", ")
                                 ),
                             ));
                         }
@@ -872,21 +867,41 @@ expect violation must_not_fail
 
     #[test]
     fn errors_name_line_and_column() {
-        let e = parse("vcpus 2\ntask vcpu0\n  accept zz\n").unwrap_err();
-        assert_eq!((e.line, e.col), (3, 10));
-        assert!(e.msg.contains("expected a gfn"), "{e}");
-        let e = parse("vcpus 1\ntask vcpu3\n").unwrap_err();
-        assert_eq!((e.line, e.col), (2, 6));
-        let e = parse("vcpus 1\ntask vmm0\n  frobnicate\n").unwrap_err();
-        assert_eq!((e.line, e.col), (3, 3));
-        assert!(e.msg.contains("unknown VMM op"));
-        let e = parse("vcpus 1\nexpect violation nope\n").unwrap_err();
-        assert_eq!((e.line, e.col), (2, 18));
-        let e = parse("").unwrap_err();
-        assert_eq!(e.line, 1);
-        let e = parse("vcpus 1\ntask vcpu0\n  accept 0x10 extra\n").unwrap_err();
-        assert_eq!((e.line, e.col), (3, 15));
-        let e = parse("vcpus 1\ntask vcpu0\n  write 0x10\n").unwrap_err();
-        assert!(e.msg.contains("expected a value"), "{e}");
+        // (input, line, column, part of the message)
+        const CASES: [(&str, usize, usize, &str); 8] = [
+            (
+                "vcpus 2\ntask vcpu0\n  accept zz\n",
+                3,
+                10,
+                "expected a gfn",
+            ),
+            ("vcpus 1\ntask vcpu3\n", 2, 6, "expected a task name"),
+            ("vcpus 1\ntask vmm0\n  frobnicate\n", 3, 3, "unknown VMM op"),
+            (
+                "vcpus 1\nexpect violation nope\n",
+                2,
+                18,
+                "unknown violation kind",
+            ),
+            ("", 1, 1, "empty scenario"),
+            (
+                "vcpus 1\ntask vcpu0\n  accept 0x10 extra\n",
+                3,
+                15,
+                "unexpected `extra`",
+            ),
+            (
+                "vcpus 1\ntask vcpu0\n  write 0x10\n",
+                3,
+                13,
+                "expected a value",
+            ),
+            ("vcpus 1\ninit 0x10 1\ninit 0x10 2\n", 3, 6, "added twice"),
+        ];
+        for (src, line, col, msg) in CASES {
+            let e = parse(src).unwrap_err();
+            assert_eq!((e.line, e.col), (line, col), "{src:?}: {e}");
+            assert!(e.msg.contains(msg), "{src:?}: {e}");
+        }
     }
 }
