@@ -306,6 +306,7 @@ fn campaign(
         corpus: None,
         stop_on_kind,
         quiet: true,
+        panic_every: None,
     }
 }
 

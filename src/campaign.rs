@@ -28,13 +28,20 @@ pub enum Stop {
     Runs(u64),
 }
 
-pub fn exec(
-    target: Target,
-    policy: Policy,
-    bug: Option<KernelBug>,
-    data: &[u8],
-) -> Option<Violation> {
-    oracle::harness_bug::catch(|| exec_target(target, policy, bug, data))
+/// Runs one input of `c`'s target; a panic of the harness is caught and becomes a
+/// `harness_bug` violation.
+pub fn exec(c: &Campaign, data: &[u8]) -> Option<Violation> {
+    oracle::harness_bug::catch(|| {
+        if let Some(n) = c.panic_every.filter(|&n| n > 0) {
+            let fnv = data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+            if fnv % n == 0 {
+                panic!("injected harness panic (--inject-harness-panic {n})");
+            }
+        }
+        exec_target(c.target, c.policy, c.kernel_bug, data)
+    })
 }
 
 fn exec_target(
@@ -98,6 +105,9 @@ pub struct Campaign {
     pub stop_on_kind: Option<String>,
     /// No status line and no summary (measurements that run many campaigns).
     pub quiet: bool,
+    /// Fault injection for the campaign itself: the harness panics on inputs whose hash is a
+    /// multiple of this.
+    pub panic_every: Option<u64>,
 }
 
 /// Totals of a campaign.
@@ -327,7 +337,7 @@ pub fn run(c: &Campaign) -> Result<Found> {
         buf.extend((0..len).map(|_| rng.next_u64() as u8));
         execs += 1;
         let t = Instant::now();
-        let v = exec(c.target, c.policy, c.kernel_bug, &buf);
+        let v = exec(c, &buf);
         rec.timed(t.elapsed(), &buf);
         harness::coverage::take(|i| rec.cover(i));
         if let Some(v) = v {

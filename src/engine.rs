@@ -40,7 +40,7 @@ const MAX_INPUT_LEN: usize = 512;
 
 /// Runs a coverage-guided campaign; `c.corpus` seeds it (none: random inputs).
 pub fn run(c: &Campaign) -> Result<Found> {
-    let (target, policy, kernel_bug) = (c.target, c.policy, c.kernel_bug);
+    let target = c.target;
     let rec = std::cell::RefCell::new(Recorder::new(c)?);
     // The map the observer reads. Declared first, so dropped after the executor and observer.
     let mut map_buf = vec![0u8; MAP_SIZE];
@@ -52,7 +52,7 @@ pub fn run(c: &Campaign) -> Result<Found> {
         let data = bytes.to_slice();
         // The model's map is zero here: `take_into` below left it so.
         let t = std::time::Instant::now();
-        let v = exec(target, policy, kernel_bug, data);
+        let v = exec(c, data);
         rec.borrow_mut().timed(t.elapsed(), data);
         // SAFETY: `map` points to `map_buf`'s MAP_SIZE bytes, which outlive the executor; the
         // observer reads them only between runs of this closure, on this thread.

@@ -101,6 +101,10 @@ enum Cmd {
         /// Seed inputs for the LibAFL engine (default: random inputs, an empty corpus).
         #[arg(long)]
         corpus: Option<PathBuf>,
+        /// Fault injection for the campaign itself: the harness panics on about one input in
+        /// N, to show that a panic is a finding and not the end of the campaign.
+        #[arg(long, hide = true)]
+        inject_harness_panic: Option<u64>,
     },
     /// Prints throughput figures.
     Bench {
@@ -225,6 +229,7 @@ fn real_main() -> Result<ExitCode> {
             kernel_bug,
             engine,
             corpus,
+            inject_harness_panic,
         } => {
             let stop = match (seconds, runs) {
                 (_, Some(r)) => campaign::Stop::Runs(r),
@@ -243,6 +248,7 @@ fn real_main() -> Result<ExitCode> {
                 corpus,
                 stop_on_kind: None,
                 quiet: false,
+                panic_every: inject_harness_panic,
             };
             let found = match engine {
                 Engine::Libafl => engine::run(&c)?,

@@ -421,12 +421,6 @@ async fn destroy_when_last(
     !destroyed.replace(true)
 }
 
-/// `Until::Point` names are `&'static str`; text scenarios name points at run time (a few
-/// short strings per file).
-fn leak_point(p: &str) -> &'static str {
-    Box::leak(p.to_string().into_boxed_str())
-}
-
 /// Builds the stack for `sc` (the upstream TD build, then one task per scenario task), ready to
 /// run. The caller makes its observer from `run.stack`'s handles, then calls `Run::execute`.
 pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
@@ -618,7 +612,7 @@ impl Run {
                             task: id_of(d.task)?,
                             until: match &d.until {
                                 DirUntil::Steps(n) => Until::Steps(*n),
-                                DirUntil::Point(p) => Until::Point(leak_point(p)),
+                                DirUntil::Point(p) => Until::Point(p.clone()),
                                 DirUntil::Blocked => Until::Blocked,
                             },
                         })

@@ -136,7 +136,7 @@ where
     let mut script = Script::new(vec![
         Directive {
             task: ht,
-            until: Until::Point(window),
+            until: Until::Point(window.into()),
         },
         Directive {
             task: ct,

@@ -187,6 +187,19 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
 
 /// Mirror SPTEs vs the S-EPT (frozen SPTEs count only when `quiescent`).
 fn desync(run: &Run, quiescent: bool) -> Option<Violation> {
+    // A table KVM touched after freeing it: on hardware a stale read or a write into a page
+    // the allocator may have handed out again, whatever the VM's state.
+    let uaf = run.stack.kvm.st.borrow().mmu.use_after_free();
+    if let Some((sp, what)) = uaf {
+        let msg = format!("KVM {what} shadow page {} after freeing it", sp.0);
+        return Some(violation(
+            ViolationKind::MirrorDesync,
+            "tdp_mmu use after free",
+            stable(&msg),
+            msg,
+            run,
+        ));
+    }
     if run.destroyed.get() {
         // The mirror roots are gone with the VM; an S-EPT a leaked HKID kept alive is judged
         // by the page accounting (its pages must be leaked on purpose), not against them.

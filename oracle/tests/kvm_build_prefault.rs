@@ -188,7 +188,7 @@ fn a_kvm_bug_on_waits_for_vcpus_to_leave_guest_mode() {
         e.set(Some(kvm.st.borrow().vcpus[0].exits));
     });
     let mut sc = script(vec![
-        (vcpu, Until::Point("guest")),
+        (vcpu, Until::Point("guest".into())),
         (bugger, Until::Blocked),
     ]);
     let outcome = s.run(&mut sc, 20_000);
@@ -224,7 +224,7 @@ fn prefault_vs_delete(policy: &str) -> (Stack, Outcome, TaskId, Res) {
         kvm.delete_memslot(&cx, SlotId(0)).await.unwrap();
     });
     let mut sc = script(vec![
-        (pf, Until::Point("kvm_tdp_mmu_page_fault")),
+        (pf, Until::Point("kvm_tdp_mmu_page_fault".into())),
         (vmm, Until::Blocked),
     ]);
     let outcome = s.run(&mut sc, 20_000);
@@ -287,9 +287,12 @@ fn prefault_vs_delete_recreate(policy: &str, fast_zap: bool) -> (Stack, Outcome,
             .unwrap();
     });
     let mut sc = script(vec![
-        (pf, Until::Point("kvm_tdp_mmu_page_fault")),
+        (pf, Until::Point("kvm_tdp_mmu_page_fault".into())),
         (vmm, Until::Blocked),
-        (pf, Until::Point("kvm_tdp_prefault_page:srcu_dropped")),
+        (
+            pf,
+            Until::Point("kvm_tdp_prefault_page:srcu_dropped".into()),
+        ),
         (vmm, Until::Blocked),
     ]);
     let outcome = s.run(&mut sc, 20_000);
@@ -645,7 +648,7 @@ fn init_vm_refused_while_a_vcpu_is_being_created() {
     });
     // KVM_CREATE_VCPU has counted the vCPU and is creating it when KVM_TDX_INIT_VM runs.
     let mut sc = script(vec![
-        (vcpu, Until::Point("kvm_arch_vcpu_create")),
+        (vcpu, Until::Point("kvm_arch_vcpu_create".into())),
         (vm, Until::Blocked),
     ]);
     assert_eq!(s.run(&mut sc, 10_000), Outcome::AllDone);
@@ -784,7 +787,7 @@ fn populate_holds_the_invalidate_lock_against_a_punch_hole() {
             .unwrap();
     });
     let mut sc = script(vec![
-        (pop, Until::Point("TDH.MEM.PAGE.ADD")),
+        (pop, Until::Point("TDH.MEM.PAGE.ADD".into())),
         (punch, Until::Blocked),
     ]);
     assert_eq!(s.run(&mut sc, 100_000), Outcome::AllDone);

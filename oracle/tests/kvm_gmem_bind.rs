@@ -59,7 +59,7 @@ fn memslot_ops_wait_for_a_punch_hole_on_their_file() {
         let mut sc = Script::new(vec![
             Directive {
                 task: punch,
-                until: Until::Point("truncate_inode_pages_range"),
+                until: Until::Point("truncate_inode_pages_range".into()),
             },
             Directive {
                 task: slot_op,

@@ -41,7 +41,7 @@ fn kvm_run_gets_its_roots_under_mmu_lock() {
         let mut sc = Script::new(vec![
             Directive {
                 task: holder,
-                until: Until::Point("test:holding mmu_lock"),
+                until: Until::Point("test:holding mmu_lock".into()),
             },
             Directive {
                 task: vcpu,

@@ -65,7 +65,7 @@ fn seed_003(policy: &str) -> Stack {
     );
     // vCPU 1 links region 1's table: stop it inside TDH.MEM.SEPT.ADD; vCPU 2 faults meanwhile.
     let mut sc = script(vec![
-        (t1, Until::Point("TDH.MEM.SEPT.ADD:locked")),
+        (t1, Until::Point("TDH.MEM.SEPT.ADD:locked".into())),
         (t2, Until::Steps(300)),
     ]);
     let out = s.run(&mut sc, 200_000);
@@ -132,7 +132,7 @@ fn seed_000_accept(policy: &str) -> Stack {
             .unwrap();
     });
     let mut sc = script(vec![
-        (t0, Until::Point("TDG.MEM.PAGE.ACCEPT:locked")),
+        (t0, Until::Point("TDG.MEM.PAGE.ACCEPT:locked".into())),
         (vmm, Until::Blocked),
     ]);
     let out = s.run(&mut sc, 200_000);
@@ -201,7 +201,7 @@ fn seed_000_zero_step(policy: &str) -> Stack {
             .unwrap();
     });
     let mut sc = script(vec![
-        (t0, Until::Point("TDH.VP.ENTER:locked")),
+        (t0, Until::Point("TDH.VP.ENTER:locked".into())),
         (vmm, Until::Blocked),
     ]);
     assert_eq!(s.run(&mut sc, 200_000), Outcome::AllDone);
@@ -246,7 +246,7 @@ fn ept_loop_vs_delete(
         kvm.delete_memslot(&cx, SlotId(0)).await.unwrap();
     });
     let mut sc = script(vec![
-        (t0, Until::Point("kvm_tdp_mmu_page_fault")),
+        (t0, Until::Point("kvm_tdp_mmu_page_fault".into())),
         (vmm, Until::Blocked),
     ]);
     let out = s.run(&mut sc, 50_000);
@@ -304,11 +304,11 @@ fn ept_loop_leaves_when_an_event_is_pending() {
         kvm.st.borrow_mut().vcpus[0].pending_event = true;
     });
     let mut sc = script(vec![
-        (t0, Until::Point("kvm_tdp_mmu_page_fault")),
+        (t0, Until::Point("kvm_tdp_mmu_page_fault".into())),
         (vmm, Until::Blocked),
         (t0, Until::Steps(50)),
         (kick, Until::Blocked),
-        (t0, Until::Point("vcpu_enter_guest")),
+        (t0, Until::Point("vcpu_enter_guest".into())),
     ]);
     let _ = s.run(&mut sc, 400);
     let left =
@@ -359,8 +359,11 @@ fn map_vs_zero_step(policy: &str) -> Stack {
         GuestProgram::new(vec![GuestOp::Accept { gpa: gpa(0x400) }]),
     );
     let mut sc = script(vec![
-        (t0, Until::Point("TDH.VP.ENTER:locked")),
-        (t1, Until::Point("tdx_handle_ept_violation:cond_resched")),
+        (t0, Until::Point("TDH.VP.ENTER:locked".into())),
+        (
+            t1,
+            Until::Point("tdx_handle_ept_violation:cond_resched".into()),
+        ),
     ]);
     let _ = s.run(&mut sc, 100_000);
     s

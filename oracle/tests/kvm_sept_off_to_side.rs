@@ -271,7 +271,7 @@ fn a_private_access_during_a_conversion_goes_back_to_the_guest() {
     let mut sc = Script::new(vec![
         Directive {
             task: vmm,
-            until: Until::Point("TDH.MEM.PAGE.AUG"),
+            until: Until::Point("TDH.MEM.PAGE.AUG".into()),
         },
         Directive {
             task: vcpu,
@@ -326,9 +326,9 @@ fn busy_from_a_zero_step_entry_is_answered_with_a_kick_and_one_retry() {
     // the script is done.
     let dir = |task, until| Directive { task, until };
     let mut sc = Script::new(vec![
-        dir(vmm, Until::Point("TDH.MEM.PAGE.AUG")),
+        dir(vmm, Until::Point("TDH.MEM.PAGE.AUG".into())),
         dir(vcpu0, Until::Steps(300)),
-        dir(vcpu0, Until::Point("TDH.VP.ENTER:locked")),
+        dir(vcpu0, Until::Point("TDH.VP.ENTER:locked".into())),
         dir(vmm, Until::Blocked),
     ]);
     assert_eq!(s.run(&mut sc, 100_000), Outcome::AllDone);
@@ -443,7 +443,7 @@ fn a_conversion_cannot_map_a_page_a_punch_hole_is_truncating() {
     let mut sc = Script::new(vec![
         Directive {
             task: punch,
-            until: Until::Point("TDH.MEM.PAGE.REMOVE"),
+            until: Until::Point("TDH.MEM.PAGE.REMOVE".into()),
         },
         Directive {
             task: vmm,

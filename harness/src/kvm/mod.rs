@@ -112,6 +112,14 @@ pub struct MmuInvalidate {
     pub end: Gfn,
 }
 
+impl MmuInvalidate {
+    /// An invalidation is in flight over `gfn` (`mmu_invalidate_in_progress` and the range
+    /// `mmu_invalidate_retry_gfn` checks).
+    pub fn in_flight_over(&self, gfn: Gfn) -> bool {
+        self.in_progress > 0 && gfn >= self.start && gfn < self.end
+    }
+}
+
 /// A KVM_BUG_ON/TDX_BUG_ON (the VM is bugged and dead) or a WARN (logged only).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BugReport {

@@ -183,7 +183,7 @@ pub enum Until {
     /// This many decisions.
     Steps(u32),
     /// Until the task has just yielded at a point whose name is this string.
-    Point(&'static str),
+    Point(String),
     /// As long as the task is runnable (it finishes or blocks).
     Blocked,
 }
@@ -236,7 +236,9 @@ impl Chooser for Script {
             let done = match &dir.until {
                 Until::Steps(n) => self.steps_in >= *n,
                 Until::Point(name) => {
-                    self.steps_in > 0 && ran_last && Self::point_name(&d.last_point) == Some(*name)
+                    self.steps_in > 0
+                        && ran_last
+                        && Self::point_name(&d.last_point) == Some(name.as_str())
                 }
                 Until::Blocked => false,
             };
@@ -306,7 +308,7 @@ mod tests {
         let mut s = Script::new(vec![
             Directive {
                 task: TaskId(0),
-                until: Until::Point("p"),
+                until: Until::Point("p".into()),
             },
             Directive {
                 task: TaskId(5),

@@ -79,6 +79,10 @@ struct TaskSlot {
     spinning: Option<WaitOn>,
     /// The retry loop the task is in and its iterations so far (`Ctx::retry`).
     retries: Option<(&'static str, u32)>,
+    /// Times the task was polled.
+    polls: u64,
+    /// Every task's `polls` when this task's retry loop last counted an iteration.
+    retry_marks: Vec<u64>,
 }
 
 /// How the last poll of a task ended, as signalled by the yield and block futures.
@@ -143,13 +147,44 @@ impl Ctx {
     }
 
     /// One more iteration of the kernel retry loop `name` (the upstream function that loops):
-    /// the oracle's soft-lockup watchdog reads the counts (`retrying`).
+    /// the oracle's soft-lockup watchdog reads the counts (`retrying`). An iteration counts
+    /// only once every other runnable task that holds an `rwlock_t` (preemption off) has run
+    /// since the last one counted: a loop that spins only while the schedule starves such a
+    /// task (one holding a frozen SPTE under mmu_lock, which no CPU stops running for long) is
+    /// the schedule's doing. A task outside such a section may stay off the CPU for as long
+    /// as the schedule says (a VMM thread busy in userspace, say).
     pub fn retry(&self, name: &'static str) {
-        let t = self.current();
+        self.retry_iteration(name, true);
+    }
+
+    /// An iteration of the retry loop `name` that waits on work another task is doing and
+    /// will finish (an MMU invalidation in flight over the faulting gfn: the fault retries
+    /// until it ends, by design). It does not count toward the watchdog; if that work never
+    /// ends, the step budget's liveness verdict sees the whole run stall.
+    pub fn retry_waiting(&self, name: &'static str) {
+        self.retry_iteration(name, false);
+    }
+
+    fn retry_iteration(&self, name: &'static str, counts: bool) {
+        let t = self.current().0 as usize;
         let mut tasks = self.0.tasks.borrow_mut();
-        let r = &mut tasks[t.0 as usize].retries;
+        let same_loop = matches!(tasks[t].retries, Some((n, _)) if n == name);
+        let marks = &tasks[t].retry_marks;
+        let objs = self.0.objs.borrow();
+        let round = !same_loop
+            || tasks.iter().enumerate().all(|(i, o)| {
+                i == t
+                    || o.state != TaskState::Runnable
+                    || !sync::holds_rwlock(&objs, TaskId(i as u32))
+                    || marks.get(i).is_none_or(|&m| o.polls > m)
+            });
+        if round {
+            let polls: Vec<u64> = tasks.iter().map(|o| o.polls).collect();
+            tasks[t].retry_marks = polls;
+        }
+        let r = &mut tasks[t].retries;
         *r = match *r {
-            Some((n, k)) if n == name => Some((n, k.saturating_add(1))),
+            Some((n, k)) if n == name => Some((n, k.saturating_add(u32::from(round && counts)))),
             _ => Some((name, 1)),
         };
         if crate::coverage::enabled() {
@@ -277,6 +312,8 @@ impl Core {
             last_point: Point::Start,
             spinning: None,
             retries: None,
+            polls: 0,
+            retry_marks: Vec::new(),
         });
         id
     }
@@ -465,6 +502,7 @@ impl Executor {
             };
             let switched_from = self.last.filter(|&t| t != pick);
             self.last = Some(pick);
+            self.core.tasks.borrow_mut()[pick.0 as usize].polls += 1;
             self.core.current.set(pick);
             self.core.step.set(step + 1);
             let fut = self.futures[pick.0 as usize]

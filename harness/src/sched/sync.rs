@@ -44,6 +44,16 @@ fn new_obj(cx: &Ctx, name: &'static str, state: ObjState) -> ObjId {
     id
 }
 
+/// True if `t` holds an `rwlock_t` (read or write): it runs with preemption off.
+pub(crate) fn holds_rwlock(objs: &[Obj], t: TaskId) -> bool {
+    objs.iter().any(|o| match &o.state {
+        ObjState::RwLock {
+            writer, readers, ..
+        } => *writer == Some(t) || readers.contains(&t),
+        _ => false,
+    })
+}
+
 fn with_obj<R>(cx: &Ctx, id: ObjId, f: impl FnOnce(&mut ObjState) -> R) -> R {
     f(&mut cx.0.objs.borrow_mut()[id.0 as usize].state)
 }

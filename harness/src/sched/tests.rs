@@ -77,11 +77,11 @@ fn ab_ba_deadlock_reports_cycle() {
     let mut script = Script::new(vec![
         Directive {
             task: TaskId(0),
-            until: Until::Point("between"),
+            until: Until::Point("between".into()),
         },
         Directive {
             task: TaskId(1),
-            until: Until::Point("between"),
+            until: Until::Point("between".into()),
         },
     ]);
     let (out, ex) = two_lock_run([0, 1], [1, 0], &mut script);

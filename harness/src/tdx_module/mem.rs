@@ -79,8 +79,14 @@ impl ModuleState {
         if must_be_blocked && !w.state.is_blocked() {
             return Err(SeamErr::with(Code::GpaRangeNotBlocked, Operand::Rcx).details(w.details()));
         }
-        if !self.is_tlb_tracked(tdr, self.pamt.get(pfn).bepoch) {
-            return Err(SeamErr::with(Code::TlbTrackingNotDone, Operand::Rcx));
+        let p = self.pamt.get(pfn);
+        if !self.is_tlb_tracked(tdr, p.bepoch) {
+            let e = SeamErr::with(Code::TlbTrackingNotDone, Operand::Rcx);
+            return Err(if p.blocked_while_building {
+                e.note("blocked before the TD was runnable")
+            } else {
+                e
+            });
         }
         Ok(())
     }
@@ -309,7 +315,8 @@ impl TdxModule {
                 // The epoch is sampled after the block, into the PAMT entry of the mapped page
                 // (leaf) or of the child S-EPT page (non-leaf).
                 let epoch = td.td_epoch;
-                st.pamt.set_bepoch(e.pfn, epoch);
+                let building = td.op_state != OpState::Runnable;
+                st.pamt.set_bepoch(e.pfn, epoch, building);
                 Ok(())
             },
         )

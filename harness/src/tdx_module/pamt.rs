@@ -32,6 +32,9 @@ pub struct PamtEntry {
     pub owner: Option<Pfn>,
     /// TD epoch recorded by RANGE.BLOCK (`bepoch`).
     pub bepoch: u64,
+    /// Model-only diagnosis: the block ran before the TD was RUNNABLE (when no tracking is
+    /// required), so an error about tracking it later can say why.
+    pub blocked_while_building: bool,
 }
 
 /// The PAMT over the TDMR `[base, base + npages)`.
@@ -62,6 +65,7 @@ impl Pamt {
             pt: PageType::Nda,
             owner: None,
             bepoch: 0,
+            blocked_while_building: false,
         })
     }
 
@@ -74,6 +78,7 @@ impl Pamt {
                 pt,
                 owner,
                 bepoch: 0,
+                blocked_while_building: false,
             },
         );
     }
@@ -83,10 +88,11 @@ impl Pamt {
         self.entries.remove(&pfn);
     }
 
-    /// Records the block epoch.
-    pub fn set_bepoch(&mut self, pfn: Pfn, epoch: u64) {
+    /// Records the block epoch (and whether the TD was still being built).
+    pub fn set_bepoch(&mut self, pfn: Pfn, epoch: u64, building: bool) {
         if let Some(e) = self.entries.get_mut(&pfn) {
             e.bepoch = epoch;
+            e.blocked_while_building = building;
         }
     }
 

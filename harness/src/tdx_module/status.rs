@@ -299,11 +299,17 @@ pub struct SeptDetails {
 pub struct SeamErr {
     pub status: Status,
     pub sept: Option<SeptDetails>,
+    /// Model-only diagnosis of why (not part of the status KVM sees).
+    pub note: Option<&'static str>,
 }
 
 impl SeamErr {
     pub const fn new(status: Status) -> Self {
-        SeamErr { status, sept: None }
+        SeamErr {
+            status,
+            sept: None,
+            note: None,
+        }
     }
     pub const fn code(code: Code) -> Self {
         SeamErr::new(Status::new(code))
@@ -313,6 +319,11 @@ impl SeamErr {
     }
     pub const fn busy(operand: Operand) -> Self {
         SeamErr::with(Code::OperandBusy, operand)
+    }
+    /// Adds a diagnosis.
+    pub const fn note(mut self, why: &'static str) -> Self {
+        self.note = Some(why);
+        self
     }
     /// Adds the S-EPT details of the entry reached.
     pub const fn details(mut self, d: SeptDetails) -> Self {
@@ -326,6 +337,9 @@ impl fmt::Display for SeamErr {
         write!(f, "{}", self.status)?;
         if let Some(d) = self.sept {
             write!(f, " [entry {:?} at {}]", d.state, d.level)?;
+        }
+        if let Some(why) = self.note {
+            write!(f, " [{why}]")?;
         }
         Ok(())
     }

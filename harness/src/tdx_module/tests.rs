@@ -275,7 +275,7 @@ where
     let mut script = Script::new(vec![
         Directive {
             task: TaskId(first),
-            until: Until::Point(window),
+            until: Until::Point(window.into()),
         },
         Directive {
             task: TaskId(first + 1),

@@ -204,7 +204,7 @@ impl Kvm {
 
     /// `mmu_invalidate_retry_gfn`.
     fn invalidate_retry(inv: &crate::kvm::MmuInvalidate, seq: u64, gfn: Gfn) -> bool {
-        (inv.in_progress > 0 && gfn >= inv.start && gfn < inv.end) || inv.seq != seq
+        inv.in_flight_over(gfn) || inv.seq != seq
     }
 
     /// `is_page_fault_stale` (mmu_lock held): the direct root is obsolete, or an invalidation

@@ -226,7 +226,11 @@ impl Kvm {
                     break Err(e);
                 }
             }
-            cx.retry("kvm_tdp_map_page");
+            if self.st.borrow().invalidate.in_flight_over(addr.gfn()) {
+                cx.retry_waiting("kvm_tdp_map_page");
+            } else {
+                cx.retry("kvm_tdp_map_page");
+            }
             let point = Point::Yield("kvm_tdp_map_page:cond_resched");
             if invalid_slot {
                 // Only the memslot update (under slots_lock) can end this retry.

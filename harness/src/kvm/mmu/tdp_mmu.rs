@@ -59,6 +59,10 @@ pub struct TdpMmu {
     /// `kvm->arch.tdp_mmu_roots`.
     pub roots: Vec<SpId>,
     next: u32,
+    /// Tables already freed, kept so that a use after free reads and writes stale memory (as
+    /// on hardware) instead of stopping the model; `use_after_free` records the first such use.
+    freed: BTreeMap<SpId, Sp>,
+    use_after_free: std::cell::Cell<Option<(SpId, &'static str)>>,
 }
 
 /// Index of `gfn`'s entry in a table of `level` entries.
@@ -67,12 +71,32 @@ pub fn index(gfn: Gfn, level: PgLevel) -> u16 {
 }
 
 impl TdpMmu {
+    /// The table `id`, live or already freed (a use after free, recorded).
+    fn table(&self, id: SpId, what: &'static str) -> &Sp {
+        if let Some(s) = self.sps.get(&id) {
+            return s;
+        }
+        self.note_use_after_free(id, what);
+        self.freed.get(&id).expect("a table the MMU allocated")
+    }
+
+    fn note_use_after_free(&self, id: SpId, what: &'static str) {
+        if self.use_after_free.get().is_none() {
+            self.use_after_free.set(Some((id, what)));
+        }
+    }
+
+    /// The first access to a freed table: (table, what KVM did with it).
+    pub fn use_after_free(&self) -> Option<(SpId, &'static str)> {
+        self.use_after_free.get()
+    }
+
     pub fn get(&self, id: SpId) -> &Sp {
-        &self.sps[&id]
+        self.table(id, "read")
     }
 
     pub fn spte(&self, id: SpId, idx: u16) -> Spte {
-        self.sps[&id]
+        self.table(id, "read an SPTE of")
             .sptes
             .get(&idx)
             .copied()
@@ -80,7 +104,13 @@ impl TdpMmu {
     }
 
     pub fn set(&mut self, id: SpId, idx: u16, v: Spte) {
-        let sp = self.sps.get_mut(&id).expect("sp");
+        if !self.sps.contains_key(&id) {
+            self.note_use_after_free(id, "wrote an SPTE of");
+        }
+        let sp = match self.sps.get_mut(&id) {
+            Some(sp) => sp,
+            None => self.freed.get_mut(&id).expect("a table the MMU allocated"),
+        };
         if v == Spte::NONPRESENT {
             sp.sptes.remove(&idx);
         } else {
@@ -105,6 +135,7 @@ impl TdpMmu {
         let sp = self.sps.remove(&id).expect("sp");
         self.by_spt.remove(&sp.spt);
         self.roots.retain(|r| *r != id);
+        self.freed.insert(id, sp.clone());
         sp
     }
 
@@ -112,7 +143,7 @@ impl TdpMmu {
     pub fn walk(&self, root: SpId, gfn: Gfn, level: PgLevel) -> Option<(SpId, u16)> {
         let mut sp = root;
         loop {
-            let s = &self.sps[&sp];
+            let s = self.table(sp, "walked");
             let idx = index(gfn, s.level);
             if s.level == level {
                 return Some((sp, idx));
@@ -139,7 +170,7 @@ impl TdpMmu {
         end: Gfn,
         out: &mut Vec<(SpId, u16, PgLevel, Gfn, Spte)>,
     ) {
-        let s = &self.sps[&sp];
+        let s = self.table(sp, "walked");
         for (&idx, &e) in &s.sptes {
             let gfn = s.base.add(u64::from(idx) * s.level.pages());
             if gfn.add(s.level.pages()) <= start || gfn >= end {
@@ -161,7 +192,7 @@ impl TdpMmu {
         let mut out = Vec::new();
         let mut stack = vec![root];
         while let Some(sp) = stack.pop() {
-            let s = &self.sps[&sp];
+            let s = self.table(sp, "walked");
             for (&idx, &e) in &s.sptes {
                 if e.is_present() && !e.is_leaf() {
                     let c = self.child(e);

@@ -408,7 +408,11 @@ impl Kvm {
             if self.test_request(v, Request::VmDead) {
                 return Err(Errno::EIO);
             }
-            cx.retry("kvm_tdp_mmu_map_private_pfn");
+            if self.st.borrow().invalidate.in_flight_over(gfn) {
+                cx.retry_waiting("kvm_tdp_mmu_map_private_pfn");
+            } else {
+                cx.retry("kvm_tdp_mmu_map_private_pfn");
+            }
             if each_retry {
                 self.kvm_mmu_reload(cx, v).await?;
                 self.mmu_topup_memory_caches(v)?;

@@ -803,7 +803,11 @@ impl Kvm {
                 return Ok(1);
             }
             self.st.borrow_mut().vcpus[v].ept_retrying = true;
-            cx.retry("tdx_handle_ept_violation");
+            if self.st.borrow().invalidate.in_flight_over(gpa.gfn()) {
+                cx.retry_waiting("tdx_handle_ept_violation");
+            } else {
+                cx.retry("tdx_handle_ept_violation");
+            }
             let point = Point::Yield("tdx_handle_ept_violation:cond_resched");
             if invalid {
                 // Retrying can only succeed once the memslot update (under slots_lock) is done.
