@@ -307,13 +307,16 @@ fn campaign(
         stop_on_kind,
         quiet: true,
         panic_every: None,
+        feedback: true,
+        client: None,
     }
 }
 
-/// `tdxfuzz bench --engines`: the LibAFL engine and the random loop, each for `secs` seconds
-/// on the stack target under upstream from an empty corpus (seed 1), one after the other:
-/// execs/s, and the feedback-map entries any input reached at a quarter, half and the end of
-/// the run (the random loop fills the map without using it: feedback off).
+/// `tdxfuzz bench --engines`: the LibAFL engine with its feedback on, the same engine with it
+/// off (the same mutators and seed; no input joins the corpus), and the random loop, each for
+/// `secs` seconds on the stack target under upstream from an empty corpus (seed 1), one after
+/// the other: execs/s, and the feedback-map entries any input reached at a quarter, half and
+/// the end of the run.
 pub fn engines(secs: u64) -> anyhow::Result<()> {
     use crate::campaign::{self, Stop};
     use harness::policy::Policy;
@@ -326,6 +329,9 @@ pub fn engines(secs: u64) -> anyhow::Result<()> {
         dir.join("libafl"),
         None,
     ))?;
+    let mut off = campaign(Policy::UPSTREAM, stop, 1, dir.join("libafl-off"), None);
+    off.feedback = false;
+    let libafl_off = crate::engine::run(&off)?;
     let random = campaign::run(&campaign(
         Policy::UPSTREAM,
         stop,
@@ -333,6 +339,13 @@ pub fn engines(secs: u64) -> anyhow::Result<()> {
         dir.join("random"),
         None,
     ))?;
+    // Two clients, one per core (the machine's other work competes with them).
+    let two = crate::jobs::run(
+        &campaign(Policy::UPSTREAM, stop, 1, dir.join("jobs2"), None),
+        2,
+        None,
+        None,
+    )?;
     let at = |f: &campaign::Found, frac: f64| -> usize {
         let t = secs as f64 * frac;
         f.coverage
@@ -346,7 +359,11 @@ pub fn engines(secs: u64) -> anyhow::Result<()> {
         "{:<8} {:>10} {:>9} {:>12} {:>12} {:>12} {:>9}",
         "engine", "execs", "execs/s", "map @25%", "map @50%", "map @100%", "findings"
     );
-    for (name, f) in [("libafl", &libafl), ("random", &random)] {
+    for (name, f) in [
+        ("libafl", &libafl),
+        ("no-fb", &libafl_off),
+        ("random", &random),
+    ] {
         println!(
             "{name:<8} {:>10} {:>9.0} {:>12} {:>12} {:>12} {:>9}",
             f.execs,
@@ -357,13 +374,19 @@ pub fn engines(secs: u64) -> anyhow::Result<()> {
             f.new + f.known
         );
     }
+    println!(
+        "libafl --jobs 2: {} execs, {:.0} execs/s, {:.2} times one job",
+        two.execs,
+        two.execs as f64 / two.secs,
+        (two.execs as f64 / two.secs) / (libafl.execs as f64 / secs as f64)
+    );
     Ok(())
 }
 
 /// `tdxfuzz bench --detect`: for every policy expected to break an invariant, `seeds`
 /// campaigns of each engine from an empty corpus, each stopped at its first new finding of
 /// the expected kind or after `limit` seconds: the median and the longest time to detect.
-pub fn detect(seeds: u64, limit: u64) -> anyhow::Result<()> {
+pub fn detect(seeds: u64, limit: u64, engines: &[crate::Engine]) -> anyhow::Result<()> {
     use crate::campaign::{self, Stop};
     use harness::policy::Policy;
     let dir = std::env::temp_dir().join("tdxfuzz-bench-detect");
@@ -371,16 +394,26 @@ pub fn detect(seeds: u64, limit: u64) -> anyhow::Result<()> {
         "time to detect: stack target, empty corpus, seeds 1..={seeds}, at most {limit} s per \
          campaign, one core"
     );
-    println!(
-        "{:<34} {:<15} {:>14} {:>14} {:>14} {:>14}",
-        "policy", "expected", "libafl median", "libafl max", "random median", "random max"
-    );
+    let name = |e: &crate::Engine| match e {
+        crate::Engine::Libafl => "libafl",
+        crate::Engine::Random => "random",
+    };
+    let mut head = format!("{:<34} {:<15}", "policy", "expected");
+    for e in engines {
+        head += &format!(
+            " {:>14} {:>14}",
+            format!("{} median", name(e)),
+            format!("{} max", name(e))
+        );
+    }
+    println!("{head}");
     for (policy, expected) in Policy::ALL {
         if expected == "none" {
             continue;
         }
         let mut cells = Vec::new();
-        for engine in ["libafl", "random"] {
+        for e in engines {
+            let engine = name(e);
             let mut times: Vec<Option<f64>> = Vec::new();
             for seed in 1..=seeds {
                 let c = campaign(
@@ -390,10 +423,9 @@ pub fn detect(seeds: u64, limit: u64) -> anyhow::Result<()> {
                     dir.join(format!("{}-{engine}-{seed}", policy.name)),
                     Some(expected.to_string()),
                 );
-                let found = if engine == "libafl" {
-                    crate::engine::run(&c)?
-                } else {
-                    campaign::run(&c)?
+                let found = match e {
+                    crate::Engine::Libafl => crate::engine::run(&c)?,
+                    crate::Engine::Random => campaign::run(&c)?,
                 };
                 times.push(found.detected_at);
             }
@@ -408,10 +440,11 @@ pub fn detect(seeds: u64, limit: u64) -> anyhow::Result<()> {
             cells.push(show(times[times.len() / 2]));
             cells.push(show(*times.last().expect("at least one seed")));
         }
-        println!(
-            "{:<34} {:<15} {:>14} {:>14} {:>14} {:>14}",
-            policy.name, expected, cells[0], cells[1], cells[2], cells[3]
-        );
+        let mut row = format!("{:<34} {:<15}", policy.name, expected);
+        for c in cells {
+            row += &format!(" {c:>14}");
+        }
+        println!("{row}");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())

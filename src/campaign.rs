@@ -101,13 +101,20 @@ pub struct Campaign {
     pub known: Option<std::path::PathBuf>,
     /// Seed inputs (LibAFL engine).
     pub corpus: Option<std::path::PathBuf>,
-    /// Stop at the first new finding of this violation kind (time-to-detect measurements).
+    /// Stop at the first new finding of this violation kind (`a|b`: either), not shown by
+    /// upstream on the same input (time-to-detect measurements).
     pub stop_on_kind: Option<String>,
     /// No status line and no summary (measurements that run many campaigns).
     pub quiet: bool,
     /// Fault injection for the campaign itself: the harness panics on inputs whose hash is a
     /// multiple of this.
     pub panic_every: Option<u64>,
+    /// The LibAFL engine keeps inputs that reach new map entries (off: the map is measured
+    /// but no input joins the corpus, the baseline the feedback is judged against).
+    pub feedback: bool,
+    /// This campaign is client N of `--jobs`: at the end it writes its buckets to
+    /// `client-N.tsv` for the launcher's summary.
+    pub client: Option<usize>,
 }
 
 /// Totals of a campaign.
@@ -128,6 +135,7 @@ pub struct Found {
 /// Where a campaign's findings go: one artifact per distinct signature (raw input and report),
 /// buckets with hit counts and the smallest input, new vs known, and the live status line.
 pub struct Recorder {
+    client: Option<usize>,
     stop_on_kind: Option<String>,
     quiet: bool,
     target: Target,
@@ -170,6 +178,7 @@ impl Recorder {
             bar
         };
         Ok(Recorder {
+            client: c.client,
             stop_on_kind: c.stop_on_kind.clone(),
             quiet: c.quiet,
             target,
@@ -213,7 +222,14 @@ impl Recorder {
                 }
                 None => {
                     self.found.new += 1;
-                    if self.stop_on_kind.as_deref() == Some(&v.kind.to_string()) {
+                    // A detection is the policy's doing only if upstream, given the same
+                    // input, does not show the same signature.
+                    let kind = v.kind.to_string();
+                    let expected = self
+                        .stop_on_kind
+                        .as_deref()
+                        .is_some_and(|k| k.split('|').any(|k| k == kind));
+                    if expected && !self.upstream_shows(v, input) {
                         self.found.detected_at.get_or_insert(at);
                     }
                     self.bar
@@ -222,6 +238,13 @@ impl Recorder {
             }
         }
         Ok(())
+    }
+
+    /// True if the input gives the same signature under upstream (with no injected bug).
+    fn upstream_shows(&self, v: &Violation, input: &[u8]) -> bool {
+        let upstream =
+            oracle::harness_bug::catch(|| exec_target(self.target, Policy::UPSTREAM, None, input));
+        upstream.is_some_and(|u| u.signature() == v.signature())
     }
 
     /// Notes how long an input took (the slowest is written out at the end).
@@ -268,6 +291,9 @@ impl Recorder {
         self.bar.finish_and_clear();
         self.found.execs = execs;
         self.found.coverage.push((secs, self.entries));
+        if let Some(id) = self.client {
+            self.write_client_summary(id, execs, secs)?;
+        }
         if self.quiet {
             return Ok(self.found);
         }
@@ -308,6 +334,30 @@ impl Recorder {
             )?;
         }
         Ok(self.found)
+    }
+}
+
+impl Recorder {
+    /// `client-N.tsv`: a header line (execs, seconds, map entries), then one line per bucket:
+    /// tag, hits, first seen (s), signature hash, smallest input (hex), signature.
+    fn write_client_summary(&self, id: usize, execs: u64, secs: f64) -> Result<()> {
+        let mut out = format!("execs\t{execs}\t{secs}\t{}\n", self.entries);
+        for (sig, b) in self.buckets.iter() {
+            let tag = if self.known.name_of(&b.violation).is_some() {
+                "known"
+            } else {
+                "NEW"
+            };
+            let at = self.first_at.get(sig.as_str()).copied().unwrap_or(0.0);
+            let hex: String = b.smallest.iter().map(|x| format!("{x:02x}")).collect();
+            out += &format!(
+                "{tag}\t{}\t{at}\t{}\t{hex}\t{sig}\n",
+                b.hits,
+                b.violation.signature_hash()
+            );
+        }
+        let path = self.dir.join(format!("client-{id}.tsv"));
+        fs::write(&path, out).with_context(|| format!("writing {}", path.display()))
     }
 }
 

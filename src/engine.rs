@@ -11,7 +11,9 @@ use std::ptr::NonNull;
 use anyhow::{anyhow, Result};
 use harness::coverage::{self, MAP_SIZE};
 use libafl::corpus::{Corpus, InMemoryCorpus};
-use libafl::events::SimpleEventManager;
+use libafl::events::{
+    EventFirer, EventReceiver, EventRestarter, ProgressReporter, SendExiting, SimpleEventManager,
+};
 use libafl::executors::{ExitKind, InProcessExecutor};
 use libafl::feedbacks::{CrashFeedback, MaxMapFeedback};
 use libafl::fuzzer::{Evaluator, Fuzzer, StdFuzzer};
@@ -38,8 +40,27 @@ const INITIAL_INPUTS: usize = 32;
 /// are reached well before this, and longer inputs only cost time.
 const MAX_INPUT_LEN: usize = 512;
 
-/// Runs a coverage-guided campaign; `c.corpus` seeds it (none: random inputs).
+/// The fuzzer's state (serialisable: a restarting client hands it to its next process).
+pub type State =
+    StdState<InMemoryCorpus<BytesInput>, BytesInput, StdRand, InMemoryCorpus<BytesInput>>;
+
+/// Runs a coverage-guided campaign in this process; `c.corpus` seeds it (none: random
+/// inputs).
 pub fn run(c: &Campaign) -> Result<Found> {
+    let mut mgr = SimpleEventManager::new(NopMonitor::new());
+    fuzz(c, None, &mut mgr)
+}
+
+/// The campaign under event manager `mgr` (this process alone, or one client of `--jobs`),
+/// from `restored` if a restarted client brings its state back.
+pub fn fuzz<EM>(c: &Campaign, restored: Option<State>, mgr: &mut EM) -> Result<Found>
+where
+    EM: EventFirer<BytesInput, State>
+        + EventRestarter<State>
+        + EventReceiver<BytesInput, State>
+        + ProgressReporter<State>
+        + SendExiting,
+{
     let target = c.target;
     let rec = std::cell::RefCell::new(Recorder::new(c)?);
     // The map the observer reads. Declared first, so dropped after the executor and observer.
@@ -57,15 +78,22 @@ pub fn run(c: &Campaign) -> Result<Found> {
         // SAFETY: `map` points to `map_buf`'s MAP_SIZE bytes, which outlive the executor; the
         // observer reads them only between runs of this closure, on this thread.
         let dst = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), MAP_SIZE) };
-        // The observer zeroed `dst` before this run (`pre_exec`).
+        // The observer zeroed `dst` before this run (`pre_exec`). With the feedback off the
+        // map is measured but the observer sees nothing: no input is ever interesting.
         {
             let mut rec = rec.borrow_mut();
-            coverage::take_into(dst, |i| rec.cover(i));
+            if c.feedback {
+                coverage::take_into(dst, |i| rec.cover(i));
+            } else {
+                coverage::take(|i| rec.cover(i));
+            }
         }
         if let Some(v) = v {
             // A new kind of violation is new coverage too: keep the input that reached it.
             let i = (coverage::name_key(&v.key) as usize) & (MAP_SIZE - 1);
-            dst[i] = dst[i].wrapping_add(1);
+            if c.feedback {
+                dst[i] = dst[i].wrapping_add(1);
+            }
             rec.borrow_mut().cover(i);
             if let Err(e) = rec.borrow_mut().record(&v, data) {
                 failure.get_or_insert(e);
@@ -77,23 +105,26 @@ pub fn run(c: &Campaign) -> Result<Found> {
     let observer = unsafe { StdMapObserver::from_mut_ptr("model", map.as_ptr(), MAP_SIZE) };
     let mut feedback = MaxMapFeedback::new(&observer);
     let mut objective = CrashFeedback::new();
-    let mut state = StdState::new(
-        StdRand::with_seed(c.seed),
-        InMemoryCorpus::<BytesInput>::new(),
-        InMemoryCorpus::new(),
-        &mut feedback,
-        &mut objective,
-    )
-    .map_err(|e| anyhow!("LibAFL state: {e}"))?;
+    let fresh = restored.is_none();
+    let mut state: State = match restored {
+        Some(s) => s,
+        None => StdState::new(
+            StdRand::with_seed(c.seed),
+            InMemoryCorpus::<BytesInput>::new(),
+            InMemoryCorpus::new(),
+            &mut feedback,
+            &mut objective,
+        )
+        .map_err(|e| anyhow!("LibAFL state: {e}"))?,
+    };
     state.set_max_size(MAX_INPUT_LEN);
-    let mut mgr = SimpleEventManager::new(NopMonitor::new());
     let mut fuzzer = StdFuzzer::new(QueueScheduler::new(), feedback, objective);
     let mut executor = InProcessExecutor::builder()
         .harness(&mut harness_fn)
         .observers(tuple_list!(observer))
         .fuzzer(&mut fuzzer)
         .state(&mut state)
-        .event_mgr(&mut mgr)
+        .event_mgr(mgr)
         // Every run is bounded by its step budgets; LibAFL's wall-clock timeout would end the
         // whole campaign (no restarting manager here), so the slowest input is kept instead.
         .timeout(std::time::Duration::from_secs(24 * 3600))
@@ -104,24 +135,35 @@ pub fn run(c: &Campaign) -> Result<Found> {
     // becomes a `harness_bug` finding, and the campaign goes on.
     oracle::harness_bug::install_quiet_hook();
     match &c.corpus {
+        _ if !fresh => {}
         Some(dir) => {
             for input in seed_inputs(dir, target)? {
                 fuzzer
-                    .add_input(&mut state, &mut executor, &mut mgr, input)
+                    .add_input(&mut state, &mut executor, mgr, input)
                     .map_err(|e| anyhow!("seeding from {}: {e}", dir.display()))?;
             }
         }
         None => {
             let mut generator = RandBytesGenerator::new(std::num::NonZeroUsize::new(256).unwrap());
-            state
-                .generate_initial_inputs(
+            // Without feedback none would be interesting: keep them all.
+            if c.feedback {
+                state.generate_initial_inputs(
                     &mut fuzzer,
                     &mut executor,
                     &mut generator,
-                    &mut mgr,
+                    mgr,
                     INITIAL_INPUTS,
                 )
-                .map_err(|e| anyhow!("initial inputs: {e}"))?;
+            } else {
+                state.generate_initial_inputs_forced(
+                    &mut fuzzer,
+                    &mut executor,
+                    &mut generator,
+                    mgr,
+                    INITIAL_INPUTS,
+                )
+            }
+            .map_err(|e| anyhow!("initial inputs: {e}"))?;
         }
     }
     // Byte havoc, then edits of the scenario (stack inputs only), on each corpus entry.
@@ -142,8 +184,10 @@ pub fn run(c: &Campaign) -> Result<Found> {
         }
         rec.borrow_mut().status(execs, &extra);
         fuzzer
-            .fuzz_one(&mut stages, &mut executor, &mut state, &mut mgr)
+            .fuzz_one(&mut stages, &mut executor, &mut state, mgr)
             .map_err(|e| anyhow!("fuzzing: {e}"))?;
+        mgr.maybe_report_progress(&mut state, std::time::Duration::from_secs(1))
+            .map_err(|e| anyhow!("reporting progress: {e}"))?;
     }
     let execs = *state.executions();
     let extra = format!(", corpus {}", state.corpus().count());

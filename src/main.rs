@@ -3,6 +3,7 @@
 mod bench;
 mod campaign;
 mod engine;
+mod jobs;
 mod load;
 mod matrix;
 mod scenario_mutator;
@@ -27,7 +28,6 @@ struct Cli {
     cmd: Cmd,
 }
 
-/// What a campaign fuzzes.
 /// The campaign's engine.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Engine {
@@ -37,6 +37,7 @@ pub enum Engine {
     Random,
 }
 
+/// What a campaign fuzzes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Target {
     /// The whole stack: scenarios (guest, VMM, KVM, TDX module) under fuzzed interleavings.
@@ -101,6 +102,16 @@ enum Cmd {
         /// Seed inputs for the LibAFL engine (default: random inputs, an empty corpus).
         #[arg(long)]
         corpus: Option<PathBuf>,
+        /// LibAFL clients, one per core, sharing their corpus over LLMP (default: every
+        /// core). With more than one, `--runs` and `--seconds` apply to each client.
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// The port this machine's LibAFL broker listens on (default: a free one).
+        #[arg(long)]
+        broker_port: Option<u16>,
+        /// Connect this machine's broker to another machine's (`HOST:PORT`); see README.
+        #[arg(long)]
+        remote_broker: Option<std::net::SocketAddr>,
         /// Fault injection for the campaign itself: the harness panics on about one input in
         /// N, to show that a panic is a finding and not the end of the campaign.
         #[arg(long, hide = true)]
@@ -121,14 +132,15 @@ enum Cmd {
         /// peak host pages, conversion latency in steps, on one workload.
         #[arg(long)]
         sept: bool,
-        /// The LibAFL engine against the random loop on the stack target, one after the
-        /// other on one core: execs/s and feedback-map entries reached over time.
+        /// The LibAFL engine (feedback on and off) against the random loop on the stack
+        /// target, one after the other on one core: execs/s and feedback-map entries reached
+        /// over time.
         #[arg(long)]
         engines: bool,
         /// Seconds per engine for --engines.
         #[arg(long, default_value_t = 30)]
         engine_seconds: u64,
-        /// Time to detect each broken policy from an empty corpus, for both engines.
+        /// Time to detect each broken policy from an empty corpus (engines: --detect-engines).
         #[arg(long)]
         detect: bool,
         /// Seeds per policy and engine for --detect.
@@ -137,6 +149,9 @@ enum Cmd {
         /// Seconds at most per campaign for --detect.
         #[arg(long, default_value_t = 60)]
         detect_limit: u64,
+        /// Engines --detect measures, comma-separated (libafl, random).
+        #[arg(long, value_delimiter = ',', default_value = "libafl")]
+        detect_engines: Vec<Engine>,
     },
 }
 
@@ -229,6 +244,9 @@ fn real_main() -> Result<ExitCode> {
             kernel_bug,
             engine,
             corpus,
+            jobs,
+            broker_port,
+            remote_broker,
             inject_harness_panic,
         } => {
             let stop = match (seconds, runs) {
@@ -249,8 +267,17 @@ fn real_main() -> Result<ExitCode> {
                 stop_on_kind: None,
                 quiet: false,
                 panic_every: inject_harness_panic,
+                feedback: true,
+                client: None,
             };
+            let jobs = jobs.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+            });
             let found = match engine {
+                Engine::Libafl if jobs > 1 || remote_broker.is_some() => {
+                    return jobs::run(&c, jobs, broker_port, remote_broker)
+                        .map(|_| ExitCode::SUCCESS);
+                }
                 Engine::Libafl => engine::run(&c)?,
                 Engine::Random => campaign::run(&c)?,
             };
@@ -273,6 +300,7 @@ fn real_main() -> Result<ExitCode> {
             detect,
             detect_seeds,
             detect_limit,
+            detect_engines,
         } => {
             if !scheduler && !stack && !sept && !engines && !detect {
                 return Err(anyhow!(
@@ -284,7 +312,7 @@ fn real_main() -> Result<ExitCode> {
                 bench::engines(engine_seconds)?;
             }
             if detect {
-                bench::detect(detect_seeds.max(1), detect_limit)?;
+                bench::detect(detect_seeds.max(1), detect_limit, &detect_engines)?;
             }
             if scheduler {
                 bench::scheduler(rounds);

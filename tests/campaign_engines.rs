@@ -15,7 +15,9 @@ fn scratch(name: &str) -> PathBuf {
 /// The summary lines (signature and hits; not the seconds, which vary) of one campaign.
 fn campaign(engine: &str, seed: &str, dir: &PathBuf) -> Vec<String> {
     let out = Command::new(env!("CARGO_BIN_EXE_tdxfuzz"))
-        .args(["fuzz", "--engine", engine, "--policy", "upstream"])
+        .args([
+            "fuzz", "--jobs", "1", "--engine", engine, "--policy", "upstream",
+        ])
         .args([
             "--kernel-bug",
             "skip_in_guest_mode",
@@ -75,7 +77,8 @@ fn both_engines_find_an_injected_bug_and_replay_their_seed() {
 fn a_harness_panic_does_not_end_a_libafl_campaign() {
     let dir = scratch("engine-panic");
     let out = Command::new(env!("CARGO_BIN_EXE_tdxfuzz"))
-        .args(["fuzz", "--engine", "libafl", "--inject-harness-panic", "50"])
+        .args(["fuzz", "--jobs", "1", "--engine", "libafl"])
+        .args(["--inject-harness-panic", "50"])
         .args(["--runs", "2000", "--seed", "1", "--artifacts"])
         .arg(&dir)
         .output()
@@ -100,5 +103,48 @@ fn a_harness_panic_does_not_end_a_libafl_campaign() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no exec count:\n{stdout}"));
     assert!(execs >= 2000, "{execs} execs:\n{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--jobs 2`: two LibAFL clients under LibAFL's launcher, each writing its findings to the
+/// shared directory and its buckets to `client-N.tsv`; the launching process merges them into
+/// one summary. Each client's injected panics are one signature in the merged table, with the
+/// hits of both.
+#[test]
+fn two_jobs_run_two_clients_and_merge_their_findings() {
+    let dir = scratch("engine-jobs");
+    let out = Command::new(env!("CARGO_BIN_EXE_tdxfuzz"))
+        .args(["fuzz", "--jobs", "2", "--policy", "upstream"])
+        .args([
+            "--inject-harness-panic",
+            "50",
+            "--runs",
+            "1500",
+            "--seed",
+            "1",
+        ])
+        .arg("--artifacts")
+        .arg(&dir)
+        .output()
+        .expect("run tdxfuzz fuzz --jobs 2");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(stdout.contains("over 2 of 2 clients"), "{stdout}");
+    for id in [1, 2] {
+        let f = dir.join("stack").join(format!("client-{id}.tsv"));
+        assert!(f.exists(), "{} missing:\n{stdout}", f.display());
+    }
+    let panics: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("injected harness panic"))
+        .collect();
+    assert_eq!(panics.len(), 1, "one merged signature:\n{stdout}");
+    let execs: u64 = stdout
+        .split(" execs in")
+        .next()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exec count:\n{stdout}"));
+    assert!(execs >= 3000, "both clients' runs: {execs}\n{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -19,6 +19,9 @@ use crate::sched::{
 use crate::stack::Stack;
 use crate::vmm::{vcpu_thread, ThreadEnd};
 
+/// Windows of the liveness budget a run may spend while it still makes progress.
+pub const LIVENESS_WINDOWS: u32 = 4;
+
 /// Bounds of a run.
 #[derive(Clone, Copy, Debug)]
 pub struct RunConfig {
@@ -621,10 +624,26 @@ impl Run {
                 ex.run(&mut Script::new(dirs), ops_limit, observer)
             }
         };
+        let module = &self.stack.kvm.module;
         self.outcome = match &self.ops_outcome {
             Outcome::BudgetExhausted(_) => {
-                let limit = ex.steps() + self.cfg.liveness_budget;
-                ex.run(&mut RoundRobin::new(), limit, observer)
+                // Long legitimate work (a zap or a prefault of thousands of pages) is not a
+                // hang: while a window of the liveness budget saw SEAMCALLs succeed, run
+                // another, up to LIVENESS_WINDOWS in all.
+                let mut windows = 0;
+                loop {
+                    let before = module.state().succeeded;
+                    let limit = ex.steps() + self.cfg.liveness_budget;
+                    let out = ex.run(&mut RoundRobin::new(), limit, observer);
+                    windows += 1;
+                    let moved = module.state().succeeded > before;
+                    if !matches!(out, Outcome::BudgetExhausted(_))
+                        || !moved
+                        || windows >= LIVENESS_WINDOWS
+                    {
+                        break out;
+                    }
+                }
             }
             other => other.clone(),
         };

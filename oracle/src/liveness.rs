@@ -167,27 +167,57 @@ const BEHIND_A_VCPU: [&str; 3] = ["vcpu thread exit", "vmm thread done", "vcpu->
 /// Whether the unfinished tasks make no progress only because vCPUs are wedged by zero-step
 /// mitigation (`wedged_by_zero_step`), every other one asleep behind them: waiting for a vCPU
 /// thread to exit, for `vcpu->mutex` (KVM_RUN holds it; so does an ioctl under the VM-state
-/// guard that waits for a wedged vCPU's), or for a VMM thread that does. That
+/// guard that waits for a wedged vCPU's), for a VMM thread that does, or for a mutex one of
+/// those holds (kvm->lock, held by an ioctl waiting for a wedged vCPU's mutex). That
 /// state is final (nothing left can accept the page), so a run can stop as soon as it is
 /// reached. Returns the wedged vCPUs as a note.
 pub fn wedged_only(cx: &Ctx, kvm: &Kvm) -> Option<String> {
+    let pending = cx.pending();
     let mut wedged = Vec::new();
-    for (t, _, wait) in cx.pending() {
+    // Tasks known to be wedged or asleep behind a wedge; the rest must join them.
+    let mut behind: Vec<harness::sched::TaskId> = Vec::new();
+    let mut rest = Vec::new();
+    for &(t, _, wait) in &pending {
         let name = cx.task_name(t);
-        let vcpu = vcpu_index(&name);
-        match (vcpu, wait) {
+        match (vcpu_index(&name), wait) {
             // Asleep behind (a VMM thread, or a vCPU thread whose mutex a VMM ioctl holds
             // while it waits for a wedged vCPU's); a cycle would have ended the run already.
             (_, Some(w @ (WaitOn::Completion(_) | WaitOn::Mutex(_))))
-                if BEHIND_A_VCPU.contains(&cx.obj_name(w.obj())) => {}
-            (Some(v), _) => {
-                let gfn = wedged_by_zero_step(kvm, v)?;
-                wedged.push(format!("{name} on {gfn}"));
+                if BEHIND_A_VCPU.contains(&cx.obj_name(w.obj())) =>
+            {
+                behind.push(t)
             }
-            _ => return None,
+            (Some(v), wait) => match (wedged_by_zero_step(kvm, v), wait) {
+                (Some(gfn), _) => {
+                    wedged.push(format!("{name} on {gfn}"));
+                    behind.push(t);
+                }
+                (None, Some(w)) => rest.push((t, w)),
+                (None, None) => return None,
+            },
+            (None, Some(w)) => rest.push((t, w)),
+            (None, None) => return None,
         }
     }
-    (!wedged.is_empty()).then(|| wedged.join(", "))
+    // A task asleep on a mutex that a task behind the wedge holds (kvm->lock, taken by an
+    // ioctl that then waits for a wedged vCPU's mutex) is behind it too.
+    loop {
+        let before = rest.len();
+        rest.retain(|&(t, w)| {
+            let holders = cx.wait_holders(w);
+            let now_behind = matches!(w, WaitOn::Mutex(_))
+                && !holders.is_empty()
+                && holders.iter().all(|h| behind.contains(h));
+            if now_behind {
+                behind.push(t);
+            }
+            !now_behind
+        });
+        if rest.is_empty() || rest.len() == before {
+            break;
+        }
+    }
+    (rest.is_empty() && !wedged.is_empty()).then(|| wedged.join(", "))
 }
 
 /// Turns a scheduler outcome into a liveness violation, if it is one.

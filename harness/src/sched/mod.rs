@@ -256,6 +256,11 @@ impl Ctx {
 
     /// Every unfinished task with the last point it yielded at and what it sleeps on, if it
     /// does (what a budget report lists, available to observers mid-run).
+    /// The tasks a wait is waiting for (a mutex's owner, an rwlock's writer or readers, ...).
+    pub fn wait_holders(&self, w: WaitOn) -> Vec<TaskId> {
+        sync::holders(self, w)
+    }
+
     pub fn pending(&self) -> Vec<(TaskId, Point, Option<WaitOn>)> {
         self.0
             .tasks

@@ -193,6 +193,9 @@ pub struct ModuleState {
     pub injected: Injected,
     /// Observation point for the oracle: SEAMCALLs of tasks KVM let into an ioctl on a dead VM.
     pub after_dead: AfterDead,
+    /// SEAMCALLs that succeeded, TDH.VP.ENTER aside (a wedged vCPU enters forever): the run's
+    /// measure of whether a long phase is still getting somewhere.
+    pub succeeded: u64,
     next_td: u32,
 }
 
@@ -268,6 +271,7 @@ impl TdxModule {
                 wbt,
                 injected: Injected::default(),
                 after_dead: AfterDead::default(),
+                succeeded: 0,
                 next_td: 0,
             }),
             host,
@@ -345,6 +349,9 @@ impl TdxModule {
         );
         let step = cx.step();
         let mut st = self.st.borrow_mut();
+        if r.is_ok() && leaf != Leaf::VpEnter {
+            st.succeeded += 1;
+        }
         st.injected
             .calls
             .ended(step, task, leaf, status, was_injected);
