@@ -398,7 +398,7 @@ pub fn detect(seeds: u64, limit: u64, engines: &[crate::Engine]) -> anyhow::Resu
         crate::Engine::Libafl => "libafl",
         crate::Engine::Random => "random",
     };
-    let mut head = format!("{:<34} {:<15}", "policy", "expected");
+    let mut head = format!("{:<34} {:<28}", "policy", "expected");
     for e in engines {
         head += &format!(
             " {:>14} {:>14}",
@@ -440,7 +440,7 @@ pub fn detect(seeds: u64, limit: u64, engines: &[crate::Engine]) -> anyhow::Resu
             cells.push(show(times[times.len() / 2]));
             cells.push(show(*times.last().expect("at least one seed")));
         }
-        let mut row = format!("{:<34} {:<15}", policy.name, expected);
+        let mut row = format!("{:<34} {:<28}", policy.name, expected);
         for c in cells {
             row += &format!(" {c:>14}");
         }

@@ -60,7 +60,8 @@ fn exec_target(
     }
 }
 
-fn target_name(target: Target) -> &'static str {
+/// The artifacts subdirectory (and summary name) of a target.
+pub fn target_name(target: Target) -> &'static str {
     match target {
         Target::Stack => "stack",
         Target::TdxModule => "tdx_module",

@@ -4,7 +4,7 @@
 //! interesting reach every other client over LLMP, and a client that crashes is restarted with
 //! its state. The broker's monitor drives the status line; every client writes its findings
 //! to the shared artifacts directory and, at the end, its buckets to `client-N.tsv`, which the
-//! launching process merges into the summary.
+//! launching process merges into the summary (the clients' own output goes to `clients.log`).
 //!
 //! Several machines: LibAFL's launcher connects its broker to another machine's broker
 //! (`--remote-broker HOST:PORT`); brokers bind to localhost unless the binary is built with
@@ -51,7 +51,7 @@ pub fn run(
     let jobs = jobs.clamp(1, available.max(1));
     let cores = Cores::from_cmdline(&format!("0-{}", jobs - 1))
         .map_err(|e| anyhow!("cores 0-{}: {e}", jobs - 1))?;
-    let dir = c.artifacts.join("stack");
+    let dir = c.artifacts.join(crate::campaign::target_name(c.target));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     for old in client_summaries(&dir)? {
         fs::remove_file(old)?;
@@ -108,6 +108,8 @@ pub fn run(
         // A clean exit: the restarter must not start this client again.
         mgr.send_exiting()
     };
+    // The clients' own output (errors, LibAFL's messages); their findings go to `dir`.
+    let clients_log = dir.join("clients.log").display().to_string();
     let shmem = StdShMemProvider::new().map_err(|e| anyhow!("shared memory: {e}"))?;
     let result = Launcher::builder()
         .shmem_provider(shmem)
@@ -118,6 +120,7 @@ pub fn run(
         .broker_port(port)
         .remote_broker_addr(remote)
         .stdout_file(Some("/dev/null"))
+        .stderr_file(Some(&clients_log))
         .build()
         .launch();
     if std::process::id() != launcher_pid {
@@ -129,7 +132,7 @@ pub fn run(
         Ok(()) | Err(libafl::Error::ShuttingDown) => {}
         Err(e) => return Err(anyhow!("launcher: {e}")),
     }
-    summarize(&dir, jobs, c.quiet)
+    summarize(&dir, c.target, jobs, c.quiet)
 }
 
 fn client_summaries(dir: &std::path::Path) -> Result<Vec<std::path::PathBuf>> {
@@ -156,7 +159,12 @@ struct Merged {
 
 /// Merges the clients' `client-N.tsv` into one summary (hits summed, first seen and smallest
 /// input the least over clients) and writes each signature's smallest input.
-fn summarize(dir: &std::path::Path, jobs: usize, quiet: bool) -> Result<Totals> {
+fn summarize(
+    dir: &std::path::Path,
+    target: crate::Target,
+    jobs: usize,
+    quiet: bool,
+) -> Result<Totals> {
     let (mut execs, mut secs, mut entries) = (0u64, 0f64, 0usize);
     let mut sigs: BTreeMap<String, Merged> = BTreeMap::new();
     let files = client_summaries(dir)?;
@@ -201,8 +209,9 @@ fn summarize(dir: &std::path::Path, jobs: usize, quiet: bool) -> Result<Totals> 
         return Ok(Totals { execs, secs });
     }
     println!(
-        "stack: {execs} execs in {secs:.1}s ({:.0}/s) over {} of {jobs} clients, map {entries} \
+        "{}: {execs} execs in {secs:.1}s ({:.0}/s) over {} of {jobs} clients, map {entries} \
          entries (the most one client reached), {new} new and {} known distinct finding(s)",
+        crate::campaign::target_name(target),
         execs as f64 / secs,
         files.len(),
         sigs.len() - new
