@@ -28,6 +28,28 @@ pub enum Stop {
     Runs(u64),
 }
 
+/// Set by SIGINT: the campaign loops stop at their next check and finish cleanly (summary,
+/// smallest inputs, the corpus already on disk).
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+extern "C" fn on_sigint(_: libc::c_int) {
+    // Only an atomic store: async-signal-safe.
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// Makes Ctrl-C end the campaign cleanly instead of killing the process.
+pub fn stop_on_ctrl_c() {
+    // SAFETY: installs a handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_sigint as *const () as libc::sighandler_t);
+    }
+}
+
+/// True once Ctrl-C was pressed.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// Runs one input of `c`'s target; a panic of the harness is caught and becomes a
 /// `harness_bug` violation.
 pub fn exec(c: &Campaign, data: &[u8]) -> Option<Violation> {
@@ -204,7 +226,7 @@ impl Recorder {
 
     /// Whether the campaign is over: its stop rule, or the finding it was told to stop on.
     pub fn done(&self, stop: Stop, execs: u64) -> bool {
-        self.found.detected_at.is_some() || stop.reached(execs, self.elapsed())
+        self.found.detected_at.is_some() || interrupted() || stop.reached(execs, self.elapsed())
     }
 
     /// Buckets a violation of `input`; the first of its signature is written out and named.

@@ -10,7 +10,7 @@ use std::ptr::NonNull;
 
 use anyhow::{anyhow, Result};
 use harness::coverage::{self, MAP_SIZE};
-use libafl::corpus::{Corpus, InMemoryCorpus};
+use libafl::corpus::{Corpus, InMemoryCorpus, InMemoryOnDiskCorpus};
 use libafl::events::{
     EventFirer, EventReceiver, EventRestarter, ProgressReporter, SendExiting, SimpleEventManager,
 };
@@ -42,7 +42,7 @@ const MAX_INPUT_LEN: usize = 512;
 
 /// The fuzzer's state (serialisable: a restarting client hands it to its next process).
 pub type State =
-    StdState<InMemoryCorpus<BytesInput>, BytesInput, StdRand, InMemoryCorpus<BytesInput>>;
+    StdState<InMemoryOnDiskCorpus<BytesInput>, BytesInput, StdRand, InMemoryCorpus<BytesInput>>;
 
 /// Runs a coverage-guided campaign in this process; `c.corpus` seeds it (none: random
 /// inputs).
@@ -110,7 +110,14 @@ where
         Some(s) => s,
         None => StdState::new(
             StdRand::with_seed(c.seed),
-            InMemoryCorpus::<BytesInput>::new(),
+            // The working corpus, kept on disk as it grows (raw inputs: `tdxfuzz print` reads
+            // them); with --jobs the clients share the directory.
+            InMemoryOnDiskCorpus::<BytesInput>::no_meta(
+                c.artifacts
+                    .join(crate::campaign::target_name(c.target))
+                    .join("corpus"),
+            )
+            .map_err(|e| anyhow!("the corpus directory: {e}"))?,
             InMemoryCorpus::new(),
             &mut feedback,
             &mut objective,

@@ -200,6 +200,33 @@ fn summarize(
             }
         }
     }
+    // Findings of clients that wrote no summary (Ctrl-C ends a client at once): their reports
+    // are on disk, their hit counts are not.
+    let merged: Vec<String> = sigs.values().map(|m| m.hash.clone()).collect();
+    for e in fs::read_dir(dir)?.filter_map(|e| e.ok()) {
+        let path = e.path();
+        let hash = path.file_stem().and_then(|s| s.to_str()).unwrap_or("");
+        if path.extension().is_none_or(|x| x != "txt") || merged.iter().any(|h| h == hash) {
+            continue;
+        }
+        let report = fs::read_to_string(&path)?;
+        let sig = report
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("violation: "))
+            .and_then(|l| l.split_once(' '))
+            .map_or("?", |(_, sig)| sig);
+        sigs.insert(
+            sig.to_string(),
+            Merged {
+                tag: "seen".into(),
+                hits: 0,
+                first_at: 0.0,
+                hash: hash.to_string(),
+                smallest: fs::read(path.with_extension("bin")).unwrap_or_default(),
+            },
+        );
+    }
     let secs = secs.max(1e-9);
     let new = sigs.values().filter(|m| m.tag == "NEW").count();
     for m in sigs.values() {
@@ -210,11 +237,11 @@ fn summarize(
     }
     println!(
         "{}: {execs} execs in {secs:.1}s ({:.0}/s) over {} of {jobs} clients, map {entries} \
-         entries (the most one client reached), {new} new and {} known distinct finding(s)",
+         entries (the most one client reached), {} distinct finding(s)",
         crate::campaign::target_name(target),
         execs as f64 / secs,
         files.len(),
-        sigs.len() - new
+        sigs.len()
     );
     for (sig, m) in &sigs {
         println!(
@@ -225,9 +252,13 @@ fn summarize(
             m.smallest.len()
         );
     }
+    let seen = sigs.values().filter(|m| m.tag == "seen").count();
+    if seen > 0 {
+        println!("  (\"seen\": reported by a client that was interrupted; hits not counted)");
+    }
     println!(
         "{new} new and {} known distinct finding(s); reports in {}",
-        sigs.len() - new,
+        sigs.len() - new - seen,
         dir.parent().unwrap_or(dir).display()
     );
     Ok(Totals { execs, secs })

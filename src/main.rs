@@ -270,6 +270,7 @@ fn real_main() -> Result<ExitCode> {
                 feedback: true,
                 client: None,
             };
+            campaign::stop_on_ctrl_c();
             let jobs = jobs.unwrap_or_else(|| {
                 std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
             });
