@@ -190,16 +190,7 @@ impl Recorder {
             _ => Known::default(),
         };
         oracle::harness_bug::install_quiet_hook();
-        let bar = if c.quiet {
-            ProgressBar::hidden()
-        } else {
-            let bar = ProgressBar::new_spinner();
-            bar.set_style(ProgressStyle::with_template(
-                "{spinner} [{elapsed_precise}] {msg}",
-            )?);
-            bar.enable_steady_tick(Duration::from_millis(200));
-            bar
-        };
+        let bar = status_bar(c.quiet)?;
         Ok(Recorder {
             client: c.client,
             stop_on_kind: c.stop_on_kind.clone(),
@@ -338,11 +329,7 @@ impl Recorder {
             self.found.known
         );
         for (sig, b) in self.buckets.iter() {
-            let tag = if self.known.name_of(&b.violation).is_some() {
-                "known"
-            } else {
-                "NEW"
-            };
+            let tag = self.tag(&b.violation);
             let at = self.first_at.get(sig.as_str()).copied().unwrap_or(0.0);
             println!(
                 "  {tag:<5} {:>7} hits  first at {at:>6.1}s  {sig}  (smallest input {} bytes)",
@@ -360,17 +347,35 @@ impl Recorder {
     }
 }
 
+/// The live status line (a spinner with the elapsed time and a message), hidden when `quiet`.
+pub fn status_bar(quiet: bool) -> Result<ProgressBar> {
+    if quiet {
+        return Ok(ProgressBar::hidden());
+    }
+    let bar = ProgressBar::new_spinner();
+    bar.set_style(ProgressStyle::with_template(
+        "{spinner} [{elapsed_precise}] {msg}",
+    )?);
+    bar.enable_steady_tick(Duration::from_millis(200));
+    Ok(bar)
+}
+
 impl Recorder {
+    /// "known" if a known input shows the signature, else "NEW".
+    fn tag(&self, v: &Violation) -> &'static str {
+        if self.known.name_of(v).is_some() {
+            "known"
+        } else {
+            "NEW"
+        }
+    }
+
     /// `client-N.tsv`: a header line (execs, seconds, map entries), then one line per bucket:
     /// tag, hits, first seen (s), signature hash, smallest input (hex), signature.
     fn write_client_summary(&self, id: usize, execs: u64, secs: f64) -> Result<()> {
         let mut out = format!("execs\t{execs}\t{secs}\t{}\n", self.entries);
         for (sig, b) in self.buckets.iter() {
-            let tag = if self.known.name_of(&b.violation).is_some() {
-                "known"
-            } else {
-                "NEW"
-            };
+            let tag = self.tag(&b.violation);
             let at = self.first_at.get(sig.as_str()).copied().unwrap_or(0.0);
             let hex: String = b.smallest.iter().map(|x| format!("{x:02x}")).collect();
             out += &format!(

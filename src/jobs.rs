@@ -12,10 +12,8 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use libafl::events::{ClientDescription, EventConfig, Launcher, SendExiting};
 use libafl::monitors::SimpleMonitor;
 use libafl_bolts::core_affinity::Cores;
@@ -64,16 +62,7 @@ pub fn run(
         println!("{jobs} clients; broker on port {port}");
     }
     let launcher_pid = std::process::id();
-    let bar = if c.quiet {
-        ProgressBar::hidden()
-    } else {
-        let bar = ProgressBar::new_spinner();
-        bar.set_style(ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {msg}",
-        )?);
-        bar.enable_steady_tick(Duration::from_millis(200));
-        bar
-    };
+    let bar = crate::campaign::status_bar(c.quiet)?;
     let status_dir = dir.clone();
     let status_bar = bar.clone();
     let monitor = SimpleMonitor::new(move |line: &str| {

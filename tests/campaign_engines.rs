@@ -12,6 +12,16 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
+/// The inputs a campaign's summary says it ran.
+fn execs_in(stdout: &str) -> u64 {
+    stdout
+        .split(" execs in")
+        .next()
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no exec count:\n{stdout}"))
+}
+
 /// The summary lines (signature and hits; not the seconds, which vary) of one campaign.
 fn campaign(engine: &str, seed: &str, dir: &PathBuf) -> Vec<String> {
     let out = Command::new(env!("CARGO_BIN_EXE_tdxfuzz"))
@@ -96,12 +106,7 @@ fn a_harness_panic_does_not_end_a_libafl_campaign() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no hit count: {line}"));
     assert!(hits >= 10, "{line}");
-    let execs: u64 = stdout
-        .split(" execs in")
-        .next()
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no exec count:\n{stdout}"));
+    let execs = execs_in(&stdout);
     assert!(execs >= 2000, "{execs} execs:\n{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -139,12 +144,7 @@ fn two_jobs_run_two_clients_and_merge_their_findings() {
         .filter(|l| l.contains("injected harness panic"))
         .collect();
     assert_eq!(panics.len(), 1, "one merged signature:\n{stdout}");
-    let execs: u64 = stdout
-        .split(" execs in")
-        .next()
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no exec count:\n{stdout}"));
+    let execs = execs_in(&stdout);
     assert!(execs >= 3000, "both clients' runs: {execs}\n{stdout}");
     let _ = std::fs::remove_dir_all(&dir);
 }
