@@ -15,6 +15,7 @@ use libafl::events::{
     EventFirer, EventReceiver, EventRestarter, ProgressReporter, SendExiting, SimpleEventManager,
 };
 use libafl::executors::{ExitKind, InProcessExecutor};
+use libafl::feedback_or;
 use libafl::feedbacks::{CrashFeedback, MaxMapFeedback};
 use libafl::fuzzer::{Evaluator, Fuzzer, StdFuzzer};
 use libafl::generators::RandBytesGenerator;
@@ -22,7 +23,6 @@ use libafl::inputs::{BytesInput, HasTargetBytes};
 use libafl::monitors::NopMonitor;
 use libafl::mutators::{havoc_mutations, HavocScheduledMutator};
 use libafl::observers::StdMapObserver;
-use libafl::schedulers::QueueScheduler;
 use libafl::stages::StdMutationalStage;
 use libafl::state::{HasCorpus, HasExecutions, HasMaxSize, StdState};
 use libafl_bolts::rands::StdRand;
@@ -30,6 +30,7 @@ use libafl_bolts::tuples::tuple_list;
 use libafl_bolts::ToSlice;
 
 use crate::campaign::{exec, Campaign, Found, Recorder};
+use crate::cost::{CostQueueScheduler, StepsFeedback};
 use crate::scenario_mutator::ScenarioMutator;
 use crate::Target;
 
@@ -103,7 +104,9 @@ where
     };
     // SAFETY: as above; the observer is the map's only other user.
     let observer = unsafe { StdMapObserver::from_mut_ptr("model", map.as_ptr(), MAP_SIZE) };
-    let mut feedback = MaxMapFeedback::new(&observer);
+    // New map entries make an input interesting; every corpus entry records its run's steps,
+    // which the scheduler reads to skip expensive entries most of the time.
+    let mut feedback = feedback_or!(MaxMapFeedback::new(&observer), StepsFeedback);
     let mut objective = CrashFeedback::new();
     let fresh = restored.is_none();
     let mut state: State = match restored {
@@ -125,7 +128,7 @@ where
         .map_err(|e| anyhow!("LibAFL state: {e}"))?,
     };
     state.set_max_size(MAX_INPUT_LEN);
-    let mut fuzzer = StdFuzzer::new(QueueScheduler::new(), feedback, objective);
+    let mut fuzzer = StdFuzzer::new(CostQueueScheduler::default(), feedback, objective);
     let mut executor = InProcessExecutor::builder()
         .harness(&mut harness_fn)
         .observers(tuple_list!(observer))

@@ -2,6 +2,7 @@
 
 mod bench;
 mod campaign;
+mod cost;
 mod engine;
 mod jobs;
 mod load;

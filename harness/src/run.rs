@@ -19,6 +19,17 @@ use crate::sched::{
 use crate::stack::Stack;
 use crate::vmm::{vcpu_thread, ThreadEnd};
 
+thread_local! {
+    /// Scheduler steps the last finished run took (`last_run_steps`).
+    static LAST_RUN_STEPS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Scheduler steps of the last run this thread finished: a deterministic cost of the input
+/// (the engine favours cheap inputs with it).
+pub fn last_run_steps() -> u64 {
+    LAST_RUN_STEPS.with(std::cell::Cell::get)
+}
+
 /// Windows of the liveness budget a run may spend while it still makes progress.
 pub const LIVENESS_WINDOWS: u32 = 4;
 
@@ -647,6 +658,7 @@ impl Run {
             }
             other => other.clone(),
         };
+        LAST_RUN_STEPS.with(|c| c.set(ex.steps()));
     }
 
     /// The scheduler task of a scenario task.
