@@ -55,13 +55,18 @@ impl Kvm {
             let mut h = self.host.borrow_mut();
             h.drop_user_pages(cx.step(), start, npages);
         }
-        {
-            let step = cx.step();
-            let mut st = self.st.borrow_mut();
-            for &(s, e) in &ranges {
-                st.mem_log
-                    .push((step, MemEvent::SharedDropped { start: s, end: e }));
-            }
+        // Logged in the VMM's layout (gfn g's shared page lives at GUEST_RAM_HVA + g pages),
+        // not through the memslots: the pages go whether or not a memslot covers them now,
+        // and a slot created there later shows the fresh ones.
+        if start >= crate::vmm::GUEST_RAM_HVA {
+            let s = Gfn::new(start.pages_from(crate::vmm::GUEST_RAM_HVA));
+            self.st.borrow_mut().mem_log.push((
+                cx.step(),
+                MemEvent::SharedDropped {
+                    start: s,
+                    end: s.add(npages),
+                },
+            ));
         }
         cx.yield_at("mmu_notifier:pages_freed").await;
         if found {
