@@ -135,8 +135,9 @@ where
         .fuzzer(&mut fuzzer)
         .state(&mut state)
         .event_mgr(mgr)
-        // Every run is bounded by its step budgets; LibAFL's wall-clock timeout would end the
-        // whole campaign (no restarting manager here), so the slowest input is kept instead.
+        // Every run is bounded by its step budgets, so LibAFL's wall-clock timeout (which ends
+        // the process, and one client of --jobs) is left out of reach; the recorder keeps the
+        // slowest input instead.
         .timeout(std::time::Duration::from_secs(24 * 3600))
         .build()
         .map_err(|e| anyhow!("LibAFL executor: {e}"))?;
