@@ -82,6 +82,55 @@ pub fn take_into(dst: &mut [u8], mut each: impl FnMut(usize)) {
     });
 }
 
+/// Runs `f` on an empty map and returns its hits as (index, count); afterwards the map holds
+/// what it held before plus those hits, exactly as if `f` had run on it. A run that starts
+/// from a snapshot of a built TD replays the build's hits with [`replay`].
+pub fn capture<R>(f: impl FnOnce() -> R) -> (R, Vec<(u32, u8)>) {
+    if !enabled() {
+        return (f(), Vec::new());
+    }
+    let fresh = Map {
+        counts: vec![0; MAP_SIZE],
+        touched: Vec::new(),
+    };
+    /// Puts the outer map back, also when `f` panics (a harness bug the campaign survives).
+    struct Restore(Option<Map>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            if let Some(outer) = self.0.take() {
+                MAP.with(|m| *m.borrow_mut() = outer);
+            }
+        }
+    }
+    let outer = Restore(Some(
+        MAP.with(|m| std::mem::replace(&mut *m.borrow_mut(), fresh)),
+    ));
+    let r = f();
+    let mut hits = Vec::new();
+    drain(|i, count| hits.push((i as u32, count)));
+    drop(outer);
+    replay(&hits);
+    (r, hits)
+}
+
+/// Adds hits `capture` returned, as if they happened now (counts wrap as single hits do).
+pub fn replay(hits: &[(u32, u8)]) {
+    if !enabled() {
+        return;
+    }
+    MAP.with(|m| {
+        let mut m = m.borrow_mut();
+        let Map { counts, touched } = &mut *m;
+        for &(i, count) in hits {
+            let c = &mut counts[i as usize];
+            if *c == 0 {
+                touched.push(i);
+            }
+            *c = c.wrapping_add(count);
+        }
+    });
+}
+
 /// Zeroes the map, calling `each` with every index the run hit (no observer to fill).
 pub fn take(mut each: impl FnMut(usize)) {
     drain(|i, _| each(i));
@@ -216,6 +265,36 @@ mod tests {
         take_into(&mut dst, |_| seen += 1);
         assert_eq!(seen, 1, "listed twice, taken once");
         assert_eq!(dst[index(Site::Retry, 1, 1)], 2, "258 wraps to 2");
+        enable(false);
+    }
+
+    /// Hits made inside `capture`, then replayed, leave the map exactly as the same hits
+    /// made directly would, including counts that wrap.
+    #[test]
+    fn captured_hits_replay_as_if_made_directly() {
+        let hits = |n: u32| {
+            hit(Site::Edge, 1, 2);
+            for _ in 0..n {
+                hit(Site::Retry, 3, 4);
+            }
+        };
+        let taken = || {
+            let mut dst = vec![0u8; MAP_SIZE];
+            take_into(&mut dst, |_| {});
+            dst
+        };
+        enable(true);
+        for n in [0, 1, 200, 300] {
+            hit(Site::Retry, 3, 4);
+            hits(n);
+            hits(n);
+            let direct = taken();
+            hit(Site::Retry, 3, 4);
+            let ((), captured) = capture(|| hits(n));
+            replay(&captured);
+            assert_eq!(taken(), direct, "{n} hits");
+            assert_ne!(captured.len(), 0, "{n}: the edge at least");
+        }
         enable(false);
     }
 

@@ -12,6 +12,7 @@ pub mod policy;
 pub mod run;
 pub mod scenario;
 pub mod sched;
+pub mod snapshot;
 pub mod stack;
 pub mod tdx_module;
 pub mod vmm;

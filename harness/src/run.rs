@@ -438,22 +438,32 @@ async fn destroy_when_last(
 /// Builds the stack for `sc` (the upstream TD build, then one task per scenario task), ready to
 /// run. The caller makes its observer from `run.stack`'s handles, then calls `Run::execute`.
 pub fn prepare(sc: &Scenario, cfg: &RunConfig) -> Run {
-    let mut stack = Stack::new(cfg.policy, cfg.host_pages, cfg.trace);
-    stack.guest_pages = cfg.guest_pages;
     let max_vcpus = sc.td.max_vcpus.unwrap_or(crate::scenario::MAX_VCPUS);
-    if sc.td.build_ops {
+    let mut stack = if sc.td.build_ops {
+        let mut stack = Stack::new(cfg.policy, cfg.host_pages, cfg.trace);
+        stack.guest_pages = cfg.guest_pages;
         stack.prepare_for_build_ops(max_vcpus);
+        stack
     } else {
-        stack.kvm.st.borrow_mut().max_vcpus = u32::from(max_vcpus);
-        // A smaller fuzzing memslot (`for_fuzzing`) measures only the initial pages inside it.
-        let init: Vec<_> = sc
-            .init_pages
-            .iter()
-            .copied()
-            .filter(|(g, _)| g.raw() < cfg.guest_pages)
-            .collect();
-        stack.build_configured(sc.vcpus, &init, sc.td.attributes());
-    }
+        // The upstream build, from a snapshot when this thread built the same TD before.
+        crate::snapshot::built(&crate::snapshot::BuildKey {
+            policy: cfg.policy,
+            host_pages: cfg.host_pages,
+            trace: cfg.trace,
+            guest_pages: cfg.guest_pages,
+            max_vcpus,
+            vcpus: sc.vcpus,
+            // A smaller fuzzing memslot (`for_fuzzing`) measures only the initial pages
+            // inside it.
+            init: sc
+                .init_pages
+                .iter()
+                .copied()
+                .filter(|(g, _)| g.raw() < cfg.guest_pages)
+                .collect(),
+            attributes: sc.td.attributes(),
+        })
+    };
     if let Some(bug) = cfg.kernel_bug {
         bug.arm(&mut stack.kvm.st.borrow_mut().injected);
     }

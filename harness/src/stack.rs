@@ -47,6 +47,24 @@ impl Stack {
         }
     }
 
+    /// An independent copy of this stack, as if built again by the same calls (same state,
+    /// trace and step count); only between runs with every task finished. A run starts from
+    /// a fork of a built TD instead of repeating the build (`run::prepare`).
+    pub fn fork(&self) -> Stack {
+        let (ex, cx) = self.ex.fork();
+        let host: HostRef = Rc::new(std::cell::RefCell::new(self.host.borrow().clone()));
+        let module = Rc::new(self.module.fork(host.clone()));
+        let kvm = self.kvm.fork(&cx, module.clone());
+        Stack {
+            ex,
+            cx,
+            host,
+            module,
+            kvm,
+            guest_pages: self.guest_pages,
+        }
+    }
+
     /// Runs one task to completion (round robin); panics unless everything finishes.
     pub fn run_setup<F: Future<Output = ()> + 'static>(
         &mut self,

@@ -101,6 +101,57 @@ fn identical_input_gives_identical_traces() {
     }
 }
 
+/// A run that starts from a snapshot of its built TD (`harness::snapshot`) is the run of a
+/// fresh build: the same trace, verdict and feedback-map hits, for every regression and for
+/// random fuzzing inputs, whether the build was cached just now or long before.
+#[test]
+fn a_run_from_a_snapshot_is_the_run_of_a_fresh_build() {
+    use harness::coverage;
+    let mut inputs: Vec<(String, Policy, Scenario, RunConfig)> = files()
+        .iter()
+        .map(|f| {
+            let (policy, sc) = load(f);
+            let cfg = RunConfig::new(policy, TraceMode::Full);
+            (f.display().to_string(), policy, sc, cfg)
+        })
+        .collect();
+    for seed in 0u64..300 {
+        let mut rng = harness::sched::choice::SplitMix64::new(seed);
+        let data: Vec<u8> = (0..40 + seed % 200).map(|_| rng.next_u64() as u8).collect();
+        let policy = Policy::ALL[seed as usize % Policy::ALL.len()].0;
+        let sc = harness::scenario::decode::decode(&data);
+        let cfg = RunConfig::for_fuzzing(policy, TraceMode::Ring(64));
+        inputs.push((format!("random input {seed}"), policy, sc, cfg));
+    }
+    let observe = |sc: &Scenario, cfg: &RunConfig| {
+        let r = oracle::check::run_scenario(sc, cfg);
+        let mut hits = Vec::new();
+        coverage::take(|i| hits.push(i));
+        hits.sort_unstable();
+        let ex = &r.run.stack.ex;
+        let v = r.violation.map(|v| v.key);
+        let hash = ex.trace().hash();
+        (hash, ex.steps(), ex.render_trace(), v, hits)
+    };
+    coverage::enable(true);
+    let mut forked = 0;
+    for (name, _, sc, cfg) in &inputs {
+        harness::snapshot::enable(false);
+        let fresh = observe(sc, cfg);
+        harness::snapshot::enable(true);
+        let first = observe(sc, cfg);
+        let again = observe(sc, cfg);
+        assert!(
+            fresh == first,
+            "{name}: the run that cached its build differs"
+        );
+        assert!(fresh == again, "{name}: the run from the snapshot differs");
+        forked += usize::from(!sc.td.build_ops);
+    }
+    coverage::enable(false);
+    assert!(forked > 100, "only {forked} inputs ran from a snapshot");
+}
+
 /// The evidence scenarios that inject a kernel bug (`upstream--injected-*`) fire only because of
 /// it: without the injection ops the same scenario is clean.
 #[test]

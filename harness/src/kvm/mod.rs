@@ -320,6 +320,25 @@ pub struct Kvm {
 }
 
 impl Kvm {
+    /// A copy of this VM over `module` (a copy of this VM's module) and the scheduler `cx`
+    /// (a fork of this VM's; its lock handles stay valid there): for `Stack::fork`.
+    pub fn fork(&self, cx: &Ctx, module: Rc<TdxModule>) -> Rc<Kvm> {
+        Rc::new(Kvm {
+            st: RefCell::new(self.st.borrow().clone()),
+            host: module.host().clone(),
+            module,
+            policy: self.policy,
+            mmu_lock: self.mmu_lock,
+            slots_lock: self.slots_lock,
+            srcu: self.srcu,
+            ipi_ack: self.ipi_ack,
+            lock: self.lock,
+            sept_lock: self.sept_lock,
+            tdx_lock: self.tdx_lock,
+            sched: cx.clone(),
+        })
+    }
+
     /// `kvm_create_vm` + `tdx_vm_init` (no SEAMCALL yet).
     pub fn new(cx: &Ctx, module: Rc<TdxModule>, policy: Policy) -> Rc<Kvm> {
         let host = module.host().clone();

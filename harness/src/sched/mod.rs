@@ -70,6 +70,7 @@ enum TaskState {
     Done,
 }
 
+#[derive(Clone)]
 struct TaskSlot {
     name: String,
     state: TaskState,
@@ -422,6 +423,33 @@ impl Executor {
         fut: impl Future<Output = ()> + 'static,
     ) -> TaskId {
         self.ctx().spawn(name, fut)
+    }
+
+    /// A copy of this executor and of every scheduling object, to go on from where it stands;
+    /// only between runs with every task finished (futures cannot be copied). Snapshots of a
+    /// built stack start from it (`Stack::fork`).
+    pub fn fork(&self) -> (Executor, Ctx) {
+        let core = &self.core;
+        assert!(
+            self.futures.iter().all(Option::is_none) && core.spawned.borrow().is_empty(),
+            "fork: a task is still running"
+        );
+        let ex = Executor {
+            core: Rc::new(Core {
+                current: Cell::new(core.current.get()),
+                step: Cell::new(core.step.get()),
+                pending: Cell::new(core.pending.get()),
+                tasks: RefCell::new(core.tasks.borrow().clone()),
+                objs: RefCell::new(core.objs.borrow().clone()),
+                trace: RefCell::new(core.trace.borrow().clone()),
+                spawned: RefCell::new(Vec::new()),
+            }),
+            futures: self.futures.iter().map(|_| None).collect(),
+            runnable: self.runnable.clone(),
+            last: self.last,
+        };
+        let cx = ex.ctx();
+        (ex, cx)
     }
 
     /// Steps taken so far (over every `run` call).

@@ -8,11 +8,13 @@
 
 use super::{Ctx, LockOp, ObjId, Point, TaskId, WaitOn};
 
+#[derive(Clone)]
 pub(crate) struct Obj {
     pub(crate) name: &'static str,
     pub(crate) state: ObjState,
 }
 
+#[derive(Clone)]
 pub(crate) enum ObjState {
     Mutex {
         owner: Option<TaskId>,

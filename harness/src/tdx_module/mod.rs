@@ -288,6 +288,15 @@ impl TdxModule {
         f(&mut self.st.borrow_mut().injected);
     }
 
+    /// A copy of this module's state acting on `host` (a copy of this module's host): for
+    /// `Stack::fork`.
+    pub fn fork(&self, host: HostRef) -> TdxModule {
+        TdxModule {
+            st: RefCell::new(self.st.borrow().clone()),
+            host,
+        }
+    }
+
     /// The host memory this module acts on.
     pub fn host(&self) -> &HostRef {
         &self.host
