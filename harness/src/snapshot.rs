@@ -5,7 +5,7 @@
 //! trace and step count), and replays the build's feedback-map hits, so the run, its trace and
 //! its coverage are byte for byte those of a fresh build.
 //!
-//! The cache is per thread, bounded, and evicts oldest first; whether a build is cached never
+//! The cache is per thread, bounded, and evicts the least recently used build; whether a build is cached never
 //! changes a run (the tests compare runs with the cache on and off).
 
 use std::cell::{Cell, RefCell};
@@ -17,7 +17,7 @@ use crate::stack::Stack;
 
 /// Built stacks kept per thread (a fuzzing campaign meets a handful of configurations most of
 /// the time; a bound keeps odd ones from piling up).
-const CAPACITY: usize = 32;
+const CAPACITY: usize = 64;
 
 /// Everything a configured build depends on.
 #[derive(Clone, Debug, PartialEq)]
@@ -62,13 +62,16 @@ pub fn built(key: &BuildKey) -> Stack {
     }
     let coverage = crate::coverage::enabled();
     let forked = CACHE.with(|c| {
-        c.borrow()
+        let mut c = c.borrow_mut();
+        let i = c
             .iter()
-            .find(|b| b.coverage == coverage && b.key == *key)
-            .map(|b| {
-                crate::coverage::replay(&b.hits);
-                b.stack.fork()
-            })
+            .rposition(|b| b.coverage == coverage && b.key == *key)?;
+        // Least recently used first: the entry just used moves to the back.
+        let b = c.remove(i);
+        crate::coverage::replay(&b.hits);
+        let stack = b.stack.fork();
+        c.push(b);
+        Some(stack)
     });
     if let Some(stack) = forked {
         return stack;
