@@ -89,6 +89,7 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
     let (mut bugs_seen, mut refused_seen) =
         (kvm.st.borrow().bugs.len(), host.borrow().refused.len());
     let mut seen = crate::state_machine::Seen::default();
+    let mut livelock = crate::livelock::Livelock::default();
     let f = found.clone();
     let cx = run.stack.cx.clone();
     let mut observer = |info: &harness::sched::StepInfo| -> bool {
@@ -148,6 +149,11 @@ pub fn run_scenario(sc: &Scenario, cfg: &RunConfig) -> Report {
                 stable(b),
                 b.clone(),
             ));
+            return false;
+        }
+        // Last: a spin whose state repeats is a soft lockup now rather than 2,000 iterations on.
+        if let Some((loop_fn, key, detail)) = livelock.step(&cx, &kvm, info) {
+            *f.borrow_mut() = Some((ViolationKind::Liveness, loop_fn, key, detail));
             return false;
         }
         true

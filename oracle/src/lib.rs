@@ -9,6 +9,7 @@ pub mod check;
 pub mod guest_memory;
 pub mod harness_bug;
 pub mod known;
+pub mod livelock;
 pub mod liveness;
 pub mod module_invariants;
 pub mod must_not_fail;

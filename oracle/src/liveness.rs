@@ -101,19 +101,33 @@ pub fn soft_lockup(cx: &Ctx) -> Option<(&'static str, String, String)> {
         .retrying()
         .into_iter()
         .find(|(_, _, n)| *n > SOFT_LOCKUP_RETRIES)?;
-    // The other unfinished tasks, as a no-progress report names them: often the ones stuck
-    // behind the spin.
+    let detail = format!(
+        "soft lockup: {} retried {n} times in {name} (the watchdog's bound is {SOFT_LOCKUP_RETRIES}){}",
+        cx.task_name(t),
+        others_detail(cx, t)
+    );
+    Some((name, soft_lockup_key(name), detail))
+}
+
+/// The signature key of a soft lockup in retry loop `name` (also of a proven livelock in it,
+/// which the watchdog would report in the end).
+pub fn soft_lockup_key(name: &str) -> String {
+    format!("soft-lockup:loop in {name}")
+}
+
+/// The unfinished tasks other than `t`, as a no-progress report names them (often the ones
+/// stuck behind a spin): "; vmm0 waits in ..." for each, or nothing.
+pub fn others_detail(cx: &Ctx, t: harness::sched::TaskId) -> String {
     let objs: Vec<&'static str> = (0..)
         .map_while(|i| cx.try_obj_name(harness::sched::ObjId(i)))
         .collect();
-    let others: Vec<String> = cx
-        .pending()
+    cx.pending()
         .into_iter()
         .filter(|(o, _, _)| *o != t)
         .map(|(o, p, w)| match w {
-            Some(w) => format!("{} waits in {}", cx.task_name(o), wait_name(w, &objs)),
+            Some(w) => format!("; {} waits in {}", cx.task_name(o), wait_name(w, &objs)),
             None => format!(
-                "{} last at {}",
+                "; {} last at {}",
                 cx.task_name(o),
                 PointDisplay {
                     point: &p,
@@ -121,15 +135,7 @@ pub fn soft_lockup(cx: &Ctx) -> Option<(&'static str, String, String)> {
                 }
             ),
         })
-        .collect();
-    let mut detail = format!(
-        "soft lockup: {} retried {n} times in {name} (the watchdog's bound is {SOFT_LOCKUP_RETRIES})",
-        cx.task_name(t)
-    );
-    if !others.is_empty() {
-        detail = format!("{detail}; {}", others.join("; "));
-    }
-    Some((name, format!("soft-lockup:loop in {name}"), detail))
+        .collect()
 }
 
 /// A vCPU the TDX module keeps out of the guest by design: zero-step mitigation logged a GPA

@@ -152,6 +152,57 @@ fn a_run_from_a_snapshot_is_the_run_of_a_fresh_build() {
     assert!(forked > 100, "only {forked} inputs ran from a snapshot");
 }
 
+/// A livelock proven by a repeated state (`oracle::livelock`) is the soft lockup the watchdog
+/// reports 2,000 iterations later, under the same signature: for every regression and for
+/// random fuzzing inputs under every policy, the verdict's key is the same with the proof on
+/// and off, and the proof, where it fires, fires sooner.
+#[test]
+fn a_proven_livelock_is_the_watchdogs_soft_lockup_sooner() {
+    let mut inputs: Vec<(String, Policy, Scenario, RunConfig)> = Vec::new();
+    for f in files() {
+        let (own, sc) = load(&f);
+        for policy in [
+            own,
+            Policy::UPSTREAM,
+            Policy::by_name("sept_off_to_side").unwrap(),
+        ] {
+            let cfg = RunConfig::new(policy, TraceMode::Ring(8));
+            inputs.push((f.display().to_string(), policy, sc.clone(), cfg));
+        }
+    }
+    for seed in 0u64..400 {
+        let mut rng = harness::sched::choice::SplitMix64::new(seed ^ 0x11fe);
+        let data: Vec<u8> = (0..40 + seed % 200).map(|_| rng.next_u64() as u8).collect();
+        let policy = Policy::ALL[seed as usize % Policy::ALL.len()].0;
+        let sc = harness::scenario::decode::decode(&data);
+        let cfg = RunConfig::for_fuzzing(policy, TraceMode::Ring(8));
+        inputs.push((format!("random input {seed}"), policy, sc, cfg));
+    }
+    let verdict = |sc: &Scenario, cfg: &RunConfig, proof: bool| {
+        oracle::livelock::enable(proof);
+        let r = oracle::check::run_scenario(sc, cfg);
+        oracle::livelock::enable(true);
+        let steps = r.run.stack.ex.steps();
+        (r.violation, steps)
+    };
+    let mut proven = 0;
+    for (name, policy, sc, cfg) in &inputs {
+        let (with, steps_with) = verdict(sc, cfg, true);
+        let (without, steps_without) = verdict(sc, cfg, false);
+        let key = |v: &Option<oracle::Violation>| v.as_ref().map(|v| v.key.clone());
+        assert_eq!(key(&with), key(&without), "{name} under {}", policy.name);
+        if with
+            .as_ref()
+            .is_some_and(|v| v.detail.starts_with("livelock:"))
+        {
+            proven += 1;
+            assert!(steps_with < steps_without, "{name}: no sooner");
+        }
+    }
+    // The liveness regressions of the retry-loop policies and the fast-zap finding.
+    assert!(proven >= 5, "only {proven} spins were proven livelocks");
+}
+
 /// The evidence scenarios that inject a kernel bug (`upstream--injected-*`) fire only because of
 /// it: without the injection ops the same scenario is clean.
 #[test]

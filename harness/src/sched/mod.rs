@@ -31,12 +31,22 @@ pub use trace::{LockOp, Point, PointDisplay, Trace, TraceEvent, TraceMode};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TaskId(pub u32);
 
+/// Formats into a hasher without building the string (state fingerprints hash `Debug`).
+pub struct HashWriter<'a, H: std::hash::Hasher>(pub &'a mut H);
+
+impl<H: std::hash::Hasher> std::fmt::Write for HashWriter<'_, H> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.0.write(s.as_bytes());
+        Ok(())
+    }
+}
+
 /// A blocking object (lock, SRCU struct, completion, wait queue).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjId(pub u32);
 
 /// What a blocked task waits for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum WaitOn {
     Mutex(ObjId),
     RwRead(ObjId),
@@ -63,7 +73,7 @@ impl WaitOn {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum TaskState {
     Runnable,
     Blocked(WaitOn),
@@ -84,6 +94,10 @@ struct TaskSlot {
     polls: u64,
     /// Every task's `polls` when this task's retry loop last counted an iteration.
     retry_marks: Vec<u64>,
+    /// Set when the task's latest poll began an iteration of its retry loop: the value the
+    /// loop carries from one iteration to the next (`Ctx::retry_carrying`), and whether the
+    /// iteration counted toward the watchdog.
+    began: Option<(u64, bool)>,
 }
 
 /// How the last poll of a task ended, as signalled by the yield and block futures.
@@ -155,7 +169,15 @@ impl Ctx {
     /// the schedule's doing. A task outside such a section may stay off the CPU for as long
     /// as the schedule says (a VMM thread busy in userspace, say).
     pub fn retry(&self, name: &'static str) {
-        self.retry_iteration(name, true);
+        self.retry_iteration(name, true, 0);
+    }
+
+    /// `retry` for a loop that carries a value from one iteration to the next (a flag the
+    /// last attempt set, say). Every retry loop passes what it carries: the oracle proves a
+    /// livelock when the model's state at an iteration's start repeats, and a carried value
+    /// is state the model cannot see otherwise.
+    pub fn retry_carrying(&self, name: &'static str, carried: u64) {
+        self.retry_iteration(name, true, carried);
     }
 
     /// An iteration of the retry loop `name` that waits on work another task is doing and
@@ -163,12 +185,13 @@ impl Ctx {
     /// until it ends, by design). It does not count toward the watchdog; if that work never
     /// ends, the step budget's liveness verdict sees the whole run stall.
     pub fn retry_waiting(&self, name: &'static str) {
-        self.retry_iteration(name, false);
+        self.retry_iteration(name, false, 0);
     }
 
-    fn retry_iteration(&self, name: &'static str, counts: bool) {
+    fn retry_iteration(&self, name: &'static str, counts: bool, carried: u64) {
         let t = self.current().0 as usize;
         let mut tasks = self.0.tasks.borrow_mut();
+        tasks[t].began = Some((carried, counts));
         let same_loop = matches!(tasks[t].retries, Some((n, _)) if n == name);
         let marks = &tasks[t].retry_marks;
         let objs = self.0.objs.borrow();
@@ -202,6 +225,51 @@ impl Ctx {
     pub fn retry_end(&self) {
         let t = self.current();
         self.0.tasks.borrow_mut()[t.0 as usize].retries = None;
+    }
+
+    /// Whether task `t`'s latest poll began an iteration of a retry loop that counts toward
+    /// the watchdog, and the value the loop carries (see `retry_carrying`).
+    pub fn began_counted_iteration(&self, t: TaskId) -> Option<u64> {
+        match self.0.tasks.borrow()[t.0 as usize].began {
+            Some((carried, true)) => Some(carried),
+            _ => None,
+        }
+    }
+
+    /// The one task that can run, when every other unfinished task sleeps.
+    pub fn sole_runnable(&self) -> Option<TaskId> {
+        let tasks = self.0.tasks.borrow();
+        let mut runnable = tasks
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| t.state == TaskState::Runnable);
+        match (runnable.next(), runnable.next()) {
+            (Some((i, _)), None) => Some(TaskId(i as u32)),
+            _ => None,
+        }
+    }
+
+    /// Feeds the scheduler's state into `h`, for the oracle's proof of a livelock: every
+    /// task's state, last point, spin and retry loop, every object's state, and every
+    /// task's poll count but `spinner`'s (a task that did not run keeps its locals; the
+    /// spinner's are the loop's, which it declares). Step numbers and iteration counts are
+    /// left out: they grow in any loop.
+    pub fn hash_for_livelock(&self, h: &mut impl std::hash::Hasher, spinner: TaskId) {
+        use std::hash::Hash;
+        for (i, t) in self.0.tasks.borrow().iter().enumerate() {
+            t.state.hash(h);
+            t.last_point.hash(h);
+            t.spinning.hash(h);
+            t.retries.map(|(n, _)| n).hash(h);
+            t.began.hash(h);
+            if i != spinner.0 as usize {
+                t.polls.hash(h);
+            }
+        }
+        for o in self.0.objs.borrow().iter() {
+            o.name.hash(h);
+            o.state.hash(h);
+        }
     }
 
     /// Tasks inside a retry loop: (task, loop, iterations so far).
@@ -320,6 +388,7 @@ impl Core {
             retries: None,
             polls: 0,
             retry_marks: Vec::new(),
+            began: None,
         });
         id
     }
@@ -535,7 +604,11 @@ impl Executor {
             };
             let switched_from = self.last.filter(|&t| t != pick);
             self.last = Some(pick);
-            self.core.tasks.borrow_mut()[pick.0 as usize].polls += 1;
+            {
+                let mut tasks = self.core.tasks.borrow_mut();
+                tasks[pick.0 as usize].polls += 1;
+                tasks[pick.0 as usize].began = None;
+            }
             self.core.current.set(pick);
             self.core.step.set(step + 1);
             let fut = self.futures[pick.0 as usize]

@@ -14,7 +14,7 @@ pub(crate) struct Obj {
     pub(crate) state: ObjState,
 }
 
-#[derive(Clone)]
+#[derive(Clone, Hash)]
 pub(crate) enum ObjState {
     Mutex {
         owner: Option<TaskId>,

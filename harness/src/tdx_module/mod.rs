@@ -199,6 +199,34 @@ pub struct ModuleState {
     next_td: u32,
 }
 
+impl ModuleState {
+    /// Feeds everything the module's future behaviour depends on into `h` (for the oracle's
+    /// proof of a livelock): all of its state but `succeeded`, a count that only measures.
+    pub fn hash_for_livelock(&self, h: &mut impl std::hash::Hasher) {
+        let ModuleState {
+            config,
+            pamt,
+            locks,
+            tds,
+            vcpus,
+            kot,
+            wbt,
+            injected,
+            after_dead,
+            succeeded: _,
+            next_td,
+        } = self;
+        let mut w = crate::sched::HashWriter(h);
+        // Written in full, field by field: a field added later is a compile error here.
+        let _ = std::fmt::Write::write_fmt(
+            &mut w,
+            format_args!(
+                "{config:?}{pamt:?}{locks:?}{tds:?}{vcpus:?}{kot:?}{wbt:?}{injected:?}{after_dead:?}{next_td}"
+            ),
+        );
+    }
+}
+
 /// SEAMCALLs that build or run the TD (`Leaf::builds_or_runs`) issued by a task whose current
 /// operation (an ioctl, a file op on guest_memfd, KVM_RUN) began after the VM was dead: the VMM
 /// and KVM's ioctl gates mark the task as each begins. Upstream turns such an ioctl away with

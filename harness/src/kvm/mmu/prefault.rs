@@ -229,7 +229,8 @@ impl Kvm {
             if self.st.borrow().invalidate.in_flight_over(addr.gfn()) {
                 cx.retry_waiting("kvm_tdp_map_page");
             } else {
-                cx.retry("kvm_tdp_map_page");
+                // The last attempt's INVALID memslot decides how this one waits.
+                cx.retry_carrying("kvm_tdp_map_page", u64::from(invalid_slot));
             }
             let point = Point::Yield("kvm_tdp_map_page:cond_resched");
             if invalid_slot {
