@@ -73,11 +73,13 @@ pub fn enabled() -> bool {
 }
 
 /// Moves the run's hits into `dst` (`MAP_SIZE` bytes, zero where this run hit nothing, as a
-/// map observer leaves it before each run) and zeroes the map; calls `each` with every index
-/// the run hit.
+/// map observer leaves it before each run) as AFL's hit-count classes, and zeroes the map;
+/// calls `each` with every index the run hit. Classes, not raw counts: an engine that keeps
+/// any input raising some entry's maximum would otherwise keep one for every extra pass
+/// through a loop (and did: thousands of near-copies in a young corpus).
 pub fn take_into(dst: &mut [u8], mut each: impl FnMut(usize)) {
     drain(|i, count| {
-        dst[i] = count;
+        dst[i] = class(count);
         each(i);
     });
 }
@@ -188,6 +190,16 @@ fn index(site: Site, a: u64, b: u64) -> usize {
     (z as usize) & (MAP_SIZE - 1)
 }
 
+/// AFL's hit-count class of a count, one bit per bucket (`count_class_lookup8`): 1, 2, 3,
+/// 4-7, 8-15, 16-31, 32-127, 128+ -> 1, 2, 4, ..., 128 (0 stays 0), so that a larger class is
+/// a larger value for a max-reducing feedback.
+pub fn class(count: u8) -> u8 {
+    match count {
+        0 => 0,
+        c => 1 << (bucket(u32::from(c)) - 1),
+    }
+}
+
 /// AFL's hit-count buckets: 0, 1, 2, 3, 4-7, 8-15, 16-31, 32-127, 128+ -> 0..=8.
 pub fn bucket(n: u32) -> u64 {
     match n {
@@ -249,6 +261,7 @@ mod tests {
         let mut hit_entries = 0;
         take_into(&mut dst, |_| hit_entries += 1);
         assert_eq!(hit_entries, 2);
+        // Classes: one hit is 1, two hits are 2.
         assert_eq!(dst.iter().map(|&b| u32::from(b)).sum::<u32>(), 3);
         assert_eq!(entries(), 0, "taken");
         enable(false);
@@ -264,7 +277,7 @@ mod tests {
         let mut seen = 0;
         take_into(&mut dst, |_| seen += 1);
         assert_eq!(seen, 1, "listed twice, taken once");
-        assert_eq!(dst[index(Site::Retry, 1, 1)], 2, "258 wraps to 2");
+        assert_eq!(dst[index(Site::Retry, 1, 1)], class(2), "258 wraps to 2");
         enable(false);
     }
 
@@ -313,6 +326,28 @@ mod tests {
         ];
         for (n, b) in rows {
             assert_eq!(bucket(n), b, "{n}");
+        }
+    }
+
+    #[test]
+    fn classes_are_afl_s() {
+        let rows = [
+            (0, 0),
+            (1, 1),
+            (2, 2),
+            (3, 4),
+            (4, 8),
+            (7, 8),
+            (8, 16),
+            (16, 32),
+            (31, 32),
+            (32, 64),
+            (127, 64),
+            (128, 128),
+            (255, 128),
+        ];
+        for (n, c) in rows {
+            assert_eq!(class(n), c, "{n}");
         }
     }
 
