@@ -52,9 +52,12 @@ pub struct RunConfig {
     pub guest_pages: u64,
 }
 
-/// Memslot pages of a fuzzing run under policy `sept_off_to_side`: the decoder's first two
-/// 2M regions' pages at 0x10 and 0x200 stay inside it.
-pub const FUZZ_SIDE_GUEST_PAGES: u64 = 0x240;
+/// Memslot pages of a fuzzing run under policy `sept_off_to_side`: the decoder's pages at
+/// 0x10-0x12 (three sharing a 4K table) stay inside it; those of the next 2M region at 0x200
+/// are reached through memslots the ops create. The design maps and unmaps every page of its
+/// memslots, so its cost grows with them: at 0x20 pages a campaign runs at about 60% of
+/// upstream's rate, at 0x240 (both regions) at 7%.
+pub const FUZZ_SIDE_GUEST_PAGES: u64 = 0x20;
 
 impl RunConfig {
     /// The default bounds. Policy `sept_off_to_side` (seed 001) backs the whole memslot from
@@ -78,7 +81,8 @@ impl RunConfig {
         Self::with_guest_pages(policy, trace, pages)
     }
 
-    fn with_guest_pages(policy: Policy, trace: TraceMode, guest_pages: u64) -> Self {
+    /// The bounds for a build memslot (and guest_memfd 0) of `guest_pages` pages.
+    pub fn with_guest_pages(policy: Policy, trace: TraceMode, guest_pages: u64) -> Self {
         let side_pages = if policy.sept_off_to_side {
             guest_pages
         } else {
