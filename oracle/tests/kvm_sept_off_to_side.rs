@@ -628,3 +628,43 @@ fn slow_unmapping_under_a_small_memslot_is_not_a_hang() {
         "it took {windows} windows: no longer evidence"
     );
 }
+
+/// TDH.VP.INIT may take the TDR exclusively, so upstream runs it under mmu_lock for write,
+/// which every S-EPT SEAMCALL also holds. The design makes its S-EPT changes under
+/// `sept_lock`: without that lock around VP.INIT too, a 10-minute campaign saw VP.INIT answer
+/// BUSY on the TDR beside the design's PAGE.REMOVE of a punched hole (a KVM_BUG_ON). The
+/// campaign's minimized input, under the fuzzing memslot.
+#[test]
+fn vp_init_never_meets_the_designs_removal_on_the_tdr() {
+    let sc = parse(
+        "vcpus 3
+build ops
+vmm fault_convert 512
+task vcpu0
+task vcpu1
+task vcpu2
+task vmm0
+  init_vm
+  create_slot
+  convert 0x0 2048 private
+  init_mem_region vcpu0 0x11 0x92
+  punch_hole 0x200 2
+  punch_hole 0x200 2
+  punch_hole 0x10 2048
+  destroy
+task vmm1
+  create_vcpu
+  create_vcpu
+  init_vcpu vcpu0
+  init_vcpu vcpu1
+  finalize
+  create_vcpu
+  init_vcpu vcpu2
+schedule bytes -
+",
+    )
+    .unwrap();
+    let cfg = RunConfig::for_fuzzing(side_policy(), TraceMode::Ring(8));
+    let r = oracle::check::run_scenario(&sc, &cfg);
+    assert_eq!(r.violation.map(|v| v.key), None);
+}

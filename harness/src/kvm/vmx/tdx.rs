@@ -602,9 +602,19 @@ impl Kvm {
                 self.st.borrow_mut().vcpus[v].tdcx.push(p);
             }
             // VP.INIT may take the TDR exclusively inside the module: it runs under mmu_lock
-            // for write so that it cannot make a must-not-fail zap see BUSY.
+            // for write so that it cannot make a must-not-fail zap see BUSY. Policy
+            // `sept_off_to_side` makes its S-EPT changes under `sept_lock` instead, so the same
+            // reasoning takes that too (innermost, after mmu_lock); without it a campaign saw
+            // VP.INIT answer BUSY on the TDR beside the design's PAGE.REMOVE.
             self.mmu_lock.write(cx).await;
+            let side = self.policy.sept_off_to_side;
+            if side {
+                self.sept_lock.lock(cx).await;
+            }
             let r = m.tdh_vp_init(cx, lp, tdvpr).await;
+            if side {
+                self.sept_lock.unlock(cx).await;
+            }
             self.mmu_lock.write_unlock(cx).await;
             if let Err(e) = r {
                 self.bug(cx, "tdx_td_vcpu_init", format!("TDH.VP.INIT: {e}"))
