@@ -61,6 +61,10 @@ enum Cmd {
         /// Print the interleaving as a timeline.
         #[arg(long)]
         trace: bool,
+        /// Run text scenarios with a campaign's bounds (under `sept_off_to_side` a 0x20-page
+        /// memslot) instead of the full ones; raw fuzz inputs always run with them.
+        #[arg(long)]
+        fuzzing: bool,
     },
     /// Prints scenario files (text or raw fuzz input) in the text form.
     Print { files: Vec<PathBuf> },
@@ -213,7 +217,8 @@ fn real_main() -> Result<ExitCode> {
             files,
             policy: p,
             trace,
-        } => run_files(&files, policy(&p)?, trace),
+            fuzzing,
+        } => run_files(&files, policy(&p)?, trace, fuzzing),
         Cmd::Print { files } => {
             let mut code = 0u8;
             for f in &files {
@@ -331,7 +336,7 @@ fn real_main() -> Result<ExitCode> {
 }
 
 /// `tdxfuzz run`: 0 clean, 1 violation (first line `violation: KIND SIGNATURE`), 2 bad input.
-fn run_files(files: &[PathBuf], policy: Policy, trace: bool) -> Result<ExitCode> {
+fn run_files(files: &[PathBuf], policy: Policy, trace: bool, fuzzing: bool) -> Result<ExitCode> {
     if files.is_empty() {
         return Err(anyhow!("no scenario files given"));
     }
@@ -350,7 +355,14 @@ fn run_files(files: &[PathBuf], policy: Policy, trace: bool) -> Result<ExitCode>
         } else {
             TraceMode::Ring(64)
         };
-        let report = oracle::check::run_scenario(&sc, &RunConfig::new(policy, mode));
+        // A raw input comes from a campaign: replay it as the campaign ran it.
+        let raw = std::fs::read(f).is_ok_and(|b| !load::is_text(&b));
+        let cfg = if fuzzing || raw {
+            RunConfig::for_fuzzing(policy, mode)
+        } else {
+            RunConfig::new(policy, mode)
+        };
+        let report = oracle::check::run_scenario(&sc, &cfg);
         match &report.violation {
             Some(v) => {
                 print!("{v}");

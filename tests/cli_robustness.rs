@@ -116,3 +116,38 @@ fn mutated_scenario_texts_give_exit_codes_0_1_2() {
     assert!(codes[2] > 0, "some mutations must be bad input: {codes:?}");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// A raw input replays with the bounds the campaign ran it under (`RunConfig::for_fuzzing`:
+/// under `sept_off_to_side` a 0x20-page memslot), as `--fuzzing` makes a text scenario do;
+/// without `--fuzzing` a text scenario gets the full 2048 pages. The steps say which: the
+/// design maps and unmaps every page of its memslot.
+#[test]
+fn raw_inputs_replay_with_the_campaigns_bounds() {
+    let dir = scratch("bounds");
+    let text = "vcpus 1\ntask vcpu0\n  accept 0x10\n  read 0x10\ntask vmm0\n  destroy\n";
+    let sc = harness::scenario::text::parse(text).unwrap();
+    let txt = dir.join("s.tdx");
+    let raw = dir.join("s.bin");
+    std::fs::write(&txt, text).unwrap();
+    std::fs::write(&raw, harness::scenario::wire::encode(&sc)).unwrap();
+    let steps = |f: &Path, fuzzing: bool| -> String {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_tdxfuzz"));
+        c.args(["run", "--policy", "sept_off_to_side"]).arg(f);
+        if fuzzing {
+            c.arg("--fuzzing");
+        }
+        let out = String::from_utf8(c.output().unwrap().stdout).unwrap();
+        assert!(out.starts_with("clean: "), "{out}");
+        out.split('(')
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let full = steps(&txt, false);
+    let fuzzing = steps(&txt, true);
+    assert_ne!(full, fuzzing, "the memslot size made no difference");
+    assert_eq!(steps(&raw, false), fuzzing);
+}
