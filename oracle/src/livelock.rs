@@ -10,9 +10,11 @@
 //! and back asleep in between (its locals may have moved) spoils the match; and the value the
 //! loop carries from one iteration to the next (`Ctx::retry_carrying`). The futures' other
 //! locals are invisible, which is why only the iteration's start is compared: a retry loop's
-//! locals there are its arguments (unchanged while it loops) and what it carries. Iterations
-//! whose poll ended anywhere but the loop's `cond_resched` (the state moved on after the
-//! retry) are not compared.
+//! locals there are its arguments (unchanged while it loops) and what it carries. So only
+//! retries of one loop instance compare (iterations 2, 3, ... in a row: the first attempt
+//! comes from the caller, a prefault's next page say), and only those whose poll ended at the
+//! loop's `cond_resched` (elsewhere the state moved on after the retry). States compare by a
+//! 64-bit hash, and `Debug` forms tell every model value apart (`Spte`'s included).
 
 use std::cell::Cell;
 use std::hash::Hasher;

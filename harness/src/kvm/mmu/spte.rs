@@ -68,12 +68,16 @@ impl Spte {
     }
 }
 
+/// Every value the model makes prints differently (the oracle's livelock proof compares
+/// states through `Debug`).
 impl fmt::Debug for Spte {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_frozen() {
             f.write_str("FROZEN")
         } else if !self.is_present() {
             f.write_str("nonpresent")
+        } else if self.is_leaf() && self.0 & PAGE_SIZE_BIT != 0 {
+            write!(f, "large leaf({})", self.pfn())
         } else if self.is_leaf() {
             write!(f, "leaf({})", self.pfn())
         } else {
