@@ -74,10 +74,11 @@ impl Livelock {
         // iteration that did not count, or another task running, breaks the chain.
         let chained =
             matches!(self.spin, Some((s, l, last)) if s == t && l == name && k == last + 1);
-        if !chained || k < 2 || cx.sole_runnable() != Some(t) {
+        let lone = k >= 2 && cx.sole_runnable() == Some(t);
+        if !chained || !lone {
             self.seen.clear();
         }
-        self.spin = (k >= 2 && cx.sole_runnable() == Some(t)).then_some((t, name, k));
+        self.spin = lone.then_some((t, name, k));
         self.spin?;
         let start = WINDOW_STARTS
             .iter()
