@@ -5,8 +5,8 @@
 //! trace and step count), and replays the build's feedback-map hits, so the run, its trace and
 //! its coverage are byte for byte those of a fresh build.
 //!
-//! The cache is per thread, bounded, and evicts the least recently used build; whether a build is cached never
-//! changes a run (the tests compare runs with the cache on and off).
+//! The cache is per thread, bounded, and evicts the least recently used build; whether a
+//! build is cached never changes a run (the tests compare runs with the cache on and off).
 
 use std::cell::{Cell, RefCell};
 
