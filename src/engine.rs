@@ -6,8 +6,6 @@
 //! bucketed by signature through the same `Recorder` as the random loop, and a panic of the
 //! harness is a `harness_bug` finding, never the end of the campaign.
 
-use std::ptr::NonNull;
-
 use anyhow::{anyhow, Result};
 use harness::coverage::{self, MAP_SIZE};
 use libafl::corpus::{Corpus, InMemoryCorpus, InMemoryOnDiskCorpus};
@@ -16,13 +14,12 @@ use libafl::events::{
 };
 use libafl::executors::{ExitKind, InProcessExecutor};
 use libafl::feedback_or;
-use libafl::feedbacks::{CrashFeedback, MaxMapFeedback};
+use libafl::feedbacks::CrashFeedback;
 use libafl::fuzzer::{Evaluator, Fuzzer, StdFuzzer};
 use libafl::generators::RandBytesGenerator;
 use libafl::inputs::{BytesInput, HasTargetBytes};
 use libafl::monitors::NopMonitor;
 use libafl::mutators::{havoc_mutations, HavocScheduledMutator};
-use libafl::observers::StdMapObserver;
 use libafl::stages::StdMutationalStage;
 use libafl::state::{HasCorpus, HasExecutions, HasMaxSize, StdState};
 use libafl_bolts::rands::StdRand;
@@ -31,6 +28,7 @@ use libafl_bolts::ToSlice;
 
 use crate::campaign::{exec, Campaign, Found, Recorder};
 use crate::cost::{CostQueueScheduler, StepsFeedback};
+use crate::model_map::{self, ModelMapFeedback, ModelMapObserver};
 use crate::scenario_mutator::ScenarioMutator;
 use crate::Target;
 
@@ -64,49 +62,46 @@ where
 {
     let target = c.target;
     let rec = std::cell::RefCell::new(Recorder::new(c)?);
-    // The map the observer reads. Declared first, so dropped after the executor and observer.
-    let mut map_buf = vec![0u8; MAP_SIZE];
-    let map = NonNull::new(map_buf.as_mut_ptr()).expect("a Vec's pointer is not null");
     coverage::enable(true);
     let mut failure: Option<anyhow::Error> = None;
+    // The run's map entries as (index, class), handed to the observer after each run.
+    let mut hits: Vec<(u32, u8)> = Vec::new();
     let mut harness_fn = |input: &BytesInput| {
         let bytes = input.target_bytes();
         let data = bytes.to_slice();
-        // The model's map is zero here: `take_into` below left it so.
+        // The model's map is zero here: `take_classes` below left it so.
         let t = std::time::Instant::now();
         let v = exec(c, data);
         rec.borrow_mut().timed(t.elapsed(), data);
-        // SAFETY: `map` points to `map_buf`'s MAP_SIZE bytes, which outlive the executor; the
-        // observer reads them only between runs of this closure, on this thread.
-        let dst = unsafe { std::slice::from_raw_parts_mut(map.as_ptr(), MAP_SIZE) };
-        // The observer zeroed `dst` before this run (`pre_exec`). With the feedback off the
-        // map is measured but the observer sees nothing: no input is ever interesting.
+        // With the feedback off the map is measured but the observer sees nothing: no input
+        // is ever interesting.
         {
             let mut rec = rec.borrow_mut();
-            if c.feedback {
-                coverage::take_into(dst, |i| rec.cover(i));
-            } else {
-                coverage::take(|i| rec.cover(i));
-            }
+            coverage::take_classes(|i, class| {
+                rec.cover(i);
+                if c.feedback {
+                    hits.push((i as u32, class));
+                }
+            });
         }
         if let Some(v) = v {
             // A new kind of violation is new coverage too: keep the input that reached it.
             let i = (coverage::name_key(&v.key) as usize) & (MAP_SIZE - 1);
             if c.feedback {
-                dst[i] = dst[i].wrapping_add(1);
+                hits.push((i as u32, 1));
             }
             rec.borrow_mut().cover(i);
             if let Err(e) = rec.borrow_mut().record(&v, data) {
                 failure.get_or_insert(e);
             }
         }
+        model_map::finish_run(&mut hits);
         ExitKind::Ok
     };
-    // SAFETY: as above; the observer is the map's only other user.
-    let observer = unsafe { StdMapObserver::from_mut_ptr("model", map.as_ptr(), MAP_SIZE) };
+    let observer = ModelMapObserver::new("model");
     // New map entries make an input interesting; every corpus entry records its run's steps,
     // which the scheduler reads to skip expensive entries most of the time.
-    let mut feedback = feedback_or!(MaxMapFeedback::new(&observer), StepsFeedback);
+    let mut feedback = feedback_or!(ModelMapFeedback::new(&observer), StepsFeedback);
     let mut objective = CrashFeedback::new();
     let fresh = restored.is_none();
     let mut state: State = match restored {

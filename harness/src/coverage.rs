@@ -84,6 +84,12 @@ pub fn take_into(dst: &mut [u8], mut each: impl FnMut(usize)) {
     });
 }
 
+/// Zeroes the map, calling `each` with every index the run hit and its hit-count class (see
+/// [`take_into`]): the sparse form of the same map.
+pub fn take_classes(mut each: impl FnMut(usize, u8)) {
+    drain(|i, count| each(i, class(count)));
+}
+
 /// Runs `f` on an empty map and returns its hits as (index, count); afterwards the map holds
 /// what it held before plus those hits, exactly as if `f` had run on it. A run that starts
 /// from a snapshot of a built TD replays the build's hits with [`replay`].
