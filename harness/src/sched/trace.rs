@@ -112,17 +112,11 @@ fn fnv(h: u64, x: u64) -> u64 {
     (h ^ x).wrapping_mul(FNV_PRIME).rotate_left(29)
 }
 
-/// A yield-point name's hash, eight bytes at a time (names are hashed at every step).
-fn str_hash(s: &str) -> u64 {
-    let mut h = fnv(FNV_OFFSET, s.len() as u64);
-    let mut words = s.as_bytes().chunks_exact(8);
-    for w in &mut words {
-        h = fnv(h, u64::from_le_bytes(w.try_into().expect("8 bytes")));
-    }
-    let mut last = [0u8; 8];
-    let rest = words.remainder();
-    last[..rest.len()].copy_from_slice(rest);
-    fnv(h, u64::from_le_bytes(last))
+/// A yield-point name's hash: where the name lies in the binary (`coverage::static_key`),
+/// not its text, so that it costs nothing per step. Trace hashes are compared only within
+/// one binary (two runs of one input), where that place is fixed.
+fn str_hash(s: &'static str) -> u64 {
+    crate::coverage::static_key(s)
 }
 
 impl Trace {
