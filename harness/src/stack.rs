@@ -91,9 +91,16 @@ impl Stack {
         self.build_configured(nvcpus, init_pages, 0);
     }
 
-    /// `build_with` with `init_vm->attributes` for KVM_TDX_INIT_VM.
+    /// `build_with` with `init_vm->attributes` for KVM_TDX_INIT_VM: [`Self::build_prefix`]
+    /// then [`Self::build_finish`] (two setup tasks, so that a snapshot can stand between them).
     pub fn build_configured(&mut self, nvcpus: u8, init_pages: &[(Gfn, u64)], attributes: u64) {
-        let init = init_pages.to_vec();
+        self.build_prefix(nvcpus, attributes);
+        self.build_finish(init_pages);
+    }
+
+    /// The TD build up to its pages: KVM_TDX_INIT_VM, each vCPU, the memslot over guest_memfd
+    /// 0, every page private.
+    pub fn build_prefix(&mut self, nvcpus: u8, attributes: u64) {
         let pages = self.guest_pages;
         self.run_setup(move |cx, kvm| async move {
             // QEMU enables MapGPA exits for a TD (KVM_CAP_EXIT_HYPERCALL).
@@ -118,6 +125,14 @@ impl Stack {
             kvm.set_memory_attributes(&cx, Gfn::new(0), Gfn::new(pages), true)
                 .await
                 .expect("attributes");
+        });
+    }
+
+    /// The rest of the TD build after [`Self::build_prefix`]: KVM_TDX_INIT_MEM_REGION of each
+    /// `(gfn, content)` page through vCPU 0, then KVM_TDX_FINALIZE_VM.
+    pub fn build_finish(&mut self, init_pages: &[(Gfn, u64)]) {
+        let init = init_pages.to_vec();
+        self.run_setup(move |cx, kvm| async move {
             for (gfn, v) in init {
                 kvm.tdx_vcpu_init_mem_region(&cx, 0, gfn.gpa(), v, 1, true)
                     .await

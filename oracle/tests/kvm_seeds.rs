@@ -79,14 +79,19 @@ fn seed_003_upstream_freezes_and_both_vcpus_finish() {
     assert!(bugs(&s.kvm).is_empty(), "{:?}", bugs(&s.kvm));
     assert!(oracle::sept_sync::check(&s.kvm, true).is_empty());
     // vCPU 2 met the frozen SPTE and retried its fault while vCPU 1 was in SEPT.ADD.
-    let faults = s
-        .ex
-        .trace()
-        .events()
-        .filter(|e| {
-            e.task == TaskId(3) && matches!(e.point, Point::YieldArg("kvm_tdp_mmu_page_fault", _))
-        })
-        .count();
+    let vcpu2 = TaskId(
+        s.ex.task_names()
+            .iter()
+            .position(|n| n == "vcpu2")
+            .expect("vCPU 2's thread") as u32,
+    );
+    let faults =
+        s.ex.trace()
+            .events()
+            .filter(|e| {
+                e.task == vcpu2 && matches!(e.point, Point::YieldArg("kvm_tdp_mmu_page_fault", _))
+            })
+            .count();
     assert!(faults >= 2, "vCPU 2 faulted {faults} times");
     for v in [1, 2] {
         let seen: Vec<Observation> = s.kvm.st.borrow().vcpus[v]
@@ -327,14 +332,14 @@ fn no_track_before_remove_fails_the_removal() {
     for (policy, broken) in [("upstream", false), ("no_track_before_remove", true)] {
         let mut s = stack(policy, 1);
         let p = gpa(0x70);
-        s.spawn_vcpu(0, GuestProgram::new(vec![GuestOp::Accept { gpa: p }]));
+        let (vcpu, _) = s.spawn_vcpu(0, GuestProgram::new(vec![GuestOp::Accept { gpa: p }]));
         s.spawn("vmm", move |cx, kvm| async move {
             cx.yield_at("vmm").await;
             kvm.set_memory_attributes(&cx, p.gfn(), p.gfn().add(1), false)
                 .await
                 .unwrap();
         });
-        let mut sc = script(vec![(TaskId(1), Until::Blocked)]);
+        let mut sc = script(vec![(vcpu, Until::Blocked)]);
         assert_eq!(s.run(&mut sc, 100_000), Outcome::AllDone);
         let b = bugs(&s.kvm);
         assert_eq!(

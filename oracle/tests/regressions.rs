@@ -103,7 +103,8 @@ fn identical_input_gives_identical_traces() {
 
 /// A run that starts from a snapshot of its built TD (`harness::snapshot`) is the run of a
 /// fresh build: the same trace, verdict and feedback-map hits, for every regression and for
-/// random fuzzing inputs, whether the build was cached just now or long before.
+/// random fuzzing inputs, whether the build was cached just now or long before, or only its
+/// first half was.
 #[test]
 fn a_run_from_a_snapshot_is_the_run_of_a_fresh_build() {
     use harness::coverage;
@@ -141,11 +142,22 @@ fn a_run_from_a_snapshot_is_the_run_of_a_fresh_build() {
         harness::snapshot::enable(true);
         let first = observe(sc, cfg);
         let again = observe(sc, cfg);
+        harness::snapshot::forget_complete_builds();
+        let finished = observe(sc, cfg);
+        let finished_again = observe(sc, cfg);
         assert!(
             fresh == first,
             "{name}: the run that cached its build differs"
         );
         assert!(fresh == again, "{name}: the run from the snapshot differs");
+        assert!(
+            fresh == finished,
+            "{name}: the run that finished a cached first half differs"
+        );
+        assert!(
+            fresh == finished_again,
+            "{name}: the run from a build finished from a first half differs"
+        );
         forked += usize::from(!sc.td.build_ops);
     }
     coverage::enable(false);
