@@ -8,7 +8,7 @@
 
 use anyhow::{anyhow, Result};
 use harness::coverage::{self, MAP_SIZE};
-use libafl::corpus::{Corpus, InMemoryCorpus, InMemoryOnDiskCorpus};
+use libafl::corpus::{Corpus, InMemoryCorpus};
 use libafl::events::{
     EventFirer, EventReceiver, EventRestarter, ProgressReporter, SendExiting, SimpleEventManager,
 };
@@ -28,6 +28,7 @@ use libafl_bolts::ToSlice;
 
 use crate::campaign::{exec, Campaign, Found, Recorder};
 use crate::cost::{CostQueueScheduler, StepsFeedback};
+use crate::mirrored_corpus::MirroredCorpus;
 use crate::model_map::{self, ModelMapFeedback, ModelMapObserver};
 use crate::scenario_mutator::ScenarioMutator;
 use crate::Target;
@@ -40,8 +41,7 @@ const INITIAL_INPUTS: usize = 32;
 const MAX_INPUT_LEN: usize = 512;
 
 /// The fuzzer's state (serialisable: a restarting client hands it to its next process).
-pub type State =
-    StdState<InMemoryOnDiskCorpus<BytesInput>, BytesInput, StdRand, InMemoryCorpus<BytesInput>>;
+pub type State = StdState<MirroredCorpus, BytesInput, StdRand, InMemoryCorpus<BytesInput>>;
 
 /// Runs a coverage-guided campaign in this process; `c.corpus` seeds it (none: random
 /// inputs).
@@ -108,18 +108,12 @@ where
         Some(s) => s,
         None => StdState::new(
             StdRand::with_seed(c.seed),
-            // The working corpus, kept on disk as it grows (raw inputs: `tdxfuzz print` reads
-            // them); with --jobs the clients share the directory. No lock files: an entry's
-            // name is its content's hash, so two clients saving one entry write the same
-            // bytes (each through a temporary file and a rename), and a lock file per entry
-            // would double the file creations that cost a young campaign a tenth of its time.
-            InMemoryOnDiskCorpus::<BytesInput>::with_meta_format_and_prefix(
+            // The working corpus, mirrored to disk as it grows (raw inputs: `tdxfuzz print`
+            // reads them); with --jobs the clients share the directory.
+            MirroredCorpus::new(
                 c.artifacts
                     .join(crate::campaign::target_name(c.target))
                     .join("corpus"),
-                None,
-                None,
-                false,
             )
             .map_err(|e| anyhow!("the corpus directory: {e}"))?,
             InMemoryCorpus::new(),
@@ -205,6 +199,10 @@ where
     let extra = format!(", corpus {}", state.corpus().count());
     drop(executor);
     coverage::enable(false);
+    state
+        .corpus_mut()
+        .flush()
+        .map_err(|e| anyhow!("writing the corpus: {e}"))?;
     if let Some(e) = failure {
         return Err(e);
     }

@@ -7,6 +7,7 @@ mod engine;
 mod jobs;
 mod load;
 mod matrix;
+mod mirrored_corpus;
 mod model_map;
 mod scenario_mutator;
 
