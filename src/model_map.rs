@@ -177,8 +177,9 @@ mod tests {
 
     #[test]
     fn an_input_is_interesting_when_an_entry_passes_the_corpus_maximum() {
+        type Hits = &'static [(u32, u8)];
         // (hits of the runs that joined the corpus, hits of the new run, interesting?)
-        let rows: &[(&[&[(u32, u8)]], &[(u32, u8)], bool)] = &[
+        let rows: &[(&[Hits], Hits, bool)] = &[
             (&[], &[(5, 1)], true),
             (&[], &[], false),
             (&[&[(5, 1)]], &[(5, 1)], false),
