@@ -6,12 +6,12 @@ NIGHTLY ?= +nightly
 SECONDS ?= 60
 FUZZ_SECONDS ?= 20
 
-.PHONY: fuzz test tools fuzz-tools check lint unit fuzz-smoke bench clean
+.PHONY: fuzz test tools fuzz-tools check lint unit fuzz-smoke bench bench-engines clean
 
 ## The main job: build and run a campaign with a live status line; findings in artifacts/.
 fuzz: tools
-	$(CARGO) build --release
-	./target/release/tdxfuzz fuzz --target stack --policy upstream --seconds $(SECONDS)
+	$(CARGO) build --profile campaign
+	./target/campaign/tdxfuzz fuzz --target stack --policy upstream --seconds $(SECONDS)
 
 ## The tests: formatting, lints, the test suite, and a short libFuzzer run of each target.
 test: tools lint unit fuzz-smoke
@@ -41,8 +41,13 @@ fuzz-smoke: fuzz-tools
 	done
 
 bench:
-	$(CARGO) build --release
-	./target/release/tdxfuzz bench --scheduler --stack --sept
+	$(CARGO) build --profile campaign
+	./target/campaign/tdxfuzz bench --scheduler --stack --sept
+
+## The engine's throughput (one core, feedback on and off, the random loop, two jobs).
+bench-engines:
+	$(CARGO) build --profile campaign
+	./target/campaign/tdxfuzz bench --engines
 
 clean:
 	$(CARGO) clean
