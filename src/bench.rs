@@ -356,8 +356,8 @@ pub fn engines(secs: u64) -> anyhow::Result<()> {
     };
     println!("engines: stack target, upstream, seed 1, {secs} s each on one core, empty corpus");
     println!(
-        "{:<8} {:>10} {:>9} {:>12} {:>12} {:>12} {:>9}",
-        "engine", "execs", "execs/s", "map @25%", "map @50%", "map @100%", "findings"
+        "{:<8} {:>10} {:>9} {:>11} {:>12} {:>12} {:>12} {:>9}",
+        "engine", "execs", "execs/s", "steps/exec", "map @25%", "map @50%", "map @100%", "findings"
     );
     for (name, f) in [
         ("libafl", &libafl),
@@ -365,9 +365,10 @@ pub fn engines(secs: u64) -> anyhow::Result<()> {
         ("random", &random),
     ] {
         println!(
-            "{name:<8} {:>10} {:>9.0} {:>12} {:>12} {:>12} {:>9}",
+            "{name:<8} {:>10} {:>9.0} {:>11.0} {:>12} {:>12} {:>12} {:>9}",
             f.execs,
             f.execs as f64 / secs as f64,
+            f.steps as f64 / f.execs.max(1) as f64,
             at(f, 0.25),
             at(f, 0.5),
             at(f, 1.0),

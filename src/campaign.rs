@@ -153,6 +153,9 @@ pub struct Found {
     pub coverage: Vec<(f64, usize)>,
     /// Seconds to the first new finding of `Campaign::stop_on_kind`, if one showed.
     pub detected_at: Option<f64>,
+    /// Scheduler steps of all runs (stack target): the model's work, which the inputs an
+    /// engine picks make larger or smaller.
+    pub steps: u64,
 }
 
 /// Where a campaign's findings go: one artifact per distinct signature (raw input and report),
@@ -261,8 +264,10 @@ impl Recorder {
         upstream.is_some_and(|u| u.signature() == v.signature())
     }
 
-    /// Notes how long an input took (the slowest is written out at the end).
+    /// Notes a run that just ended: how long it took (the slowest input is written out at the
+    /// end) and its scheduler steps.
     pub fn timed(&mut self, took: Duration, input: &[u8]) {
+        self.found.steps += harness::run::last_run_steps();
         if took > self.slowest.0 {
             self.slowest = (took, input.to_vec());
         }
